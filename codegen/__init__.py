@@ -1,0 +1,1 @@
+"""Code generation from spec/lifecycle.yaml: `python -m codegen`."""

@@ -1,0 +1,40 @@
+// Operator schemas of the kasmina library. Kernels are registered per backend with
+// TORCH_LIBRARY_IMPL in lifecycle_cpu.cpp, blend_cpu.cpp and cuda/*.cu.
+#include <Python.h>
+
+#include <string>
+
+#include <torch/library.h>
+
+#include "generated/lifecycle_tables.h"
+
+extern "C" {
+// An empty `_C` module: importing it loads this library, whose static initialisers
+// register the operators below with the dispatcher.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace kasmina {
+
+std::string spec_sha256() { return KASMINA_SPEC_SHA256; }
+
+TORCH_LIBRARY(kasmina, m) {
+  m.def("spec_sha256() -> str", &spec_sha256);
+  // Lifecycle ops (kasmina/state.py). Every per-seed rule lives in lifecycle_step.h.
+  m.def(
+      "apply_transitions(Tensor(a!) state, Tensor(b!) history, Tensor(c!) history_count, "
+      "Tensor seed_ids, Tensor from_states, Tensor to_states, Tensor context, "
+      "Tensor min_epochs, Tensor params) -> Tensor");
+  m.def("step_epoch(Tensor(a!) state) -> ()");
+  m.def("state_summary(Tensor state) -> Tensor");
+  // Chunked blend (kasmina/ops.py): out = base + alpha[chunk] * (blueprint_out - base).
+  m.def("chunked_blend(Tensor base, Tensor blueprint_out, Tensor alpha, int num_chunks) -> Tensor");
+  m.def(
+      "chunked_blend_backward(Tensor grad, Tensor base, Tensor blueprint_out, Tensor alpha, "
+      "int num_chunks, bool need_base, bool need_blueprint, bool need_alpha) -> (Tensor, Tensor, Tensor)");
+}
+
+}  // namespace kasmina

@@ -1,0 +1,23 @@
+"""Kasmina: morphogenetic training for PyTorch.
+
+Seeds inside a host network germinate small sub-modules (blueprints), train them in
+isolation, graft them in with a blending factor alpha, and keep or discard them, all
+driven by the lifecycle in ``spec/lifecycle.yaml``.
+"""
+
+from ._extension import StaleExtensionError, backend, backend_description
+from ._generated.lifecycle_tables import SPEC_SHA256
+from .lifecycle import CONTEXT_FIELDS, ExtendedLifecycle, Reason
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONTEXT_FIELDS",
+    "SPEC_SHA256",
+    "ExtendedLifecycle",
+    "Reason",
+    "StaleExtensionError",
+    "__version__",
+    "backend",
+    "backend_description",
+]

@@ -1,0 +1,1 @@
+"""Files generated from spec/lifecycle.yaml by `python -m codegen`. Do not edit."""
