@@ -75,22 +75,53 @@ def emit_cpp(spec: Spec, header: str) -> str:
     out += _enum("LearnsFrom", "int32_t", [(f"LEARNS_{a.upper()}", i) for i, a in enumerate(LEARNS_FROM)])
 
     out += _switch(
-        "default_min_epochs", "int32_t", "state",
-        [(s.id, str(s.min_epochs)) for s in spec.states], "0",
+        "default_min_epochs",
+        "int32_t",
+        "state",
+        [(s.id, str(s.min_epochs)) for s in spec.states],
+        "0",
         "Default minimum lifecycle epochs per state (a LifecyclePolicy overrides them at run time).",
     )
     out += _switch(
-        "default_param", "float", "param",
-        [(i, _f32(p.default)) for i, p in enumerate(spec.params)], "0.0f",
+        "default_param",
+        "float",
+        "param",
+        [(i, _f32(p.default)) for i, p in enumerate(spec.params)],
+        "0.0f",
         "Default value of each param (a LifecyclePolicy overrides them at run time).",
     )
-    out += _switch("state_kind", "int32_t", "state", [(s.id, f"KIND_{s.kind.upper()}") for s in spec.states], "-1", "StateKind of each state.")
-    out += _switch("state_blueprint_runs", "bool", "state", [(s.id, "true") for s in spec.states if s.blueprint_runs], "false",
-                   "Whether the layer evaluates the blueprint of a seed in this state.")
-    out += _switch("state_alpha_source", "int32_t", "state", [(s.id, f"ALPHA_{s.alpha.upper()}") for s in spec.states], "ALPHA_ZERO",
-                   "Where a seed's blend factor comes from in this state.")
-    out += _switch("state_learns_from", "int32_t", "state", [(s.id, f"LEARNS_{s.learns_from.upper()}") for s in spec.states], "LEARNS_NONE",
-                   "What a seed's blueprint is trained on in this state.")
+    out += _switch(
+        "state_kind",
+        "int32_t",
+        "state",
+        [(s.id, f"KIND_{s.kind.upper()}") for s in spec.states],
+        "-1",
+        "StateKind of each state.",
+    )
+    out += _switch(
+        "state_blueprint_runs",
+        "bool",
+        "state",
+        [(s.id, "true") for s in spec.states if s.blueprint_runs],
+        "false",
+        "Whether the layer evaluates the blueprint of a seed in this state.",
+    )
+    out += _switch(
+        "state_alpha_source",
+        "int32_t",
+        "state",
+        [(s.id, f"ALPHA_{s.alpha.upper()}") for s in spec.states],
+        "ALPHA_ZERO",
+        "Where a seed's blend factor comes from in this state.",
+    )
+    out += _switch(
+        "state_learns_from",
+        "int32_t",
+        "state",
+        [(s.id, f"LEARNS_{s.learns_from.upper()}") for s in spec.states],
+        "LEARNS_NONE",
+        "What a seed's blueprint is trained on in this state.",
+    )
 
     out += [
         "// Edge id of from -> to, or -1 where the lifecycle has no such edge.",
@@ -98,14 +129,33 @@ def emit_cpp(spec: Spec, header: str) -> str:
         "  if (from < 0 || from >= kNumStates || to < 0 || to >= kNumStates) return -1;",
         "  switch (from * kNumStates + to) {",
     ]
-    out += [f"    case {a * n + b}: return {e};  // {spec.states[a].name} -> {spec.states[b].name}" for e, (a, b) in enumerate(t.edges)]
+    out += [
+        f"    case {a * n + b}: return {e};  // {spec.states[a].name} -> {spec.states[b].name}"
+        for e, (a, b) in enumerate(t.edges)
+    ]
     out += ["    default: return -1;", "  }", "}", ""]
-    out += _switch("edge_from", "int32_t", "edge", [(e, str(a)) for e, (a, _) in enumerate(t.edges)], "-1", "Source state of an edge.")
-    out += _switch("edge_to", "int32_t", "edge", [(e, str(b)) for e, (_, b) in enumerate(t.edges)], "-1", "Target state of an edge.")
-    out += _switch("edge_bypasses_min_epochs", "bool", "edge", [(e, "true") for e, b in enumerate(t.edge_bypass) if b], "false",
-                   "Whether an edge may be taken before the source state's minimum epochs.")
-    out += _switch("edge_guard", "int32_t", "edge", [(e, str(g)) for e, g in enumerate(t.edge_guard) if g >= 0], "-1",
-                   "Guard id of an edge, or -1 for an unguarded edge.")
+    out += _switch(
+        "edge_from", "int32_t", "edge", [(e, str(a)) for e, (a, _) in enumerate(t.edges)], "-1", "Source state of an edge."
+    )
+    out += _switch(
+        "edge_to", "int32_t", "edge", [(e, str(b)) for e, (_, b) in enumerate(t.edges)], "-1", "Target state of an edge."
+    )
+    out += _switch(
+        "edge_bypasses_min_epochs",
+        "bool",
+        "edge",
+        [(e, "true") for e, b in enumerate(t.edge_bypass) if b],
+        "false",
+        "Whether an edge may be taken before the source state's minimum epochs.",
+    )
+    out += _switch(
+        "edge_guard",
+        "int32_t",
+        "edge",
+        [(e, str(g)) for e, g in enumerate(t.edge_guard) if g >= 0],
+        "-1",
+        "Guard id of an edge, or -1 for an unguarded edge.",
+    )
 
     out += [
         "namespace detail {",

@@ -47,7 +47,7 @@ def dot(spec: Spec) -> str:
         if t.bypass_min_epochs:
             attrs.append("style=dashed")
         lines.append(f"  {t.source} -> {t.target}" + (f" [{', '.join(attrs)}]" if attrs else "") + ";")
-    return "\n".join(lines + ["}"]) + "\n"
+    return "\n".join([*lines, "}"]) + "\n"
 
 
 def emit_docs(spec: Spec, header: str) -> str:

@@ -8,7 +8,10 @@ from .tables import SpecTables
 
 def _tuple(values) -> str:
     items = [repr(v) for v in values]
-    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+    flat = "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+    if len(flat) <= 90:
+        return flat
+    return "(\n" + "".join(f"    {item},\n" for item in items) + ")"
 
 
 def _enum(name: str, doc: str, members: list[tuple[str, int]]) -> list[str]:
@@ -79,7 +82,9 @@ def emit_python(spec: Spec, header: str) -> str:
     out += _enum("StateColumn", "Columns of the int32 per-seed state tensor.", [(n, i) for i, n in enumerate(spec.state_columns)])
     out += ["", ""]
     out += _enum(
-        "MetricColumn", "Columns of the float32 per-seed metrics tensor.", [(n.upper(), i) for i, n in enumerate(spec.metric_columns)]
+        "MetricColumn",
+        "Columns of the float32 per-seed metrics tensor.",
+        [(n.upper(), i) for i, n in enumerate(spec.metric_columns)],
     )
     out += ["", ""]
     out += _enum("Reason", "Every answer to a transition request.", [(r.name, r.code) for r in spec.reasons])

@@ -15,10 +15,7 @@ DOCS = Path("docs/lifecycle.md")
 
 
 def _header(spec: Spec) -> str:
-    return (
-        f"Generated from spec/{spec.path.name} (sha256 {spec.sha256[:16]}) by `python -m codegen`. "
-        "Do not edit: edit the spec and regenerate."
-    )
+    return f"Generated from spec/{spec.path.name} (sha256 {spec.sha256[:16]}) by `python -m codegen`. Do not edit."
 
 
 def render(spec: Spec) -> dict[Path, str]:

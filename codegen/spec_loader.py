@@ -182,12 +182,7 @@ def load_spec(path: str | Path | None = None) -> Spec:
     validator = jsonschema.Draft202012Validator(schema)
     shape_errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     if shape_errors:
-        raise SpecError(
-            [
-                f"{shown}: {_schema_location(e)}: {e.message}; see spec/lifecycle.schema.json"
-                for e in shape_errors
-            ]
-        )
+        raise SpecError([f"{shown}: {_schema_location(e)}: {e.message}; see spec/lifecycle.schema.json" for e in shape_errors])
     errors: list[str] = []
     spec = _build(path, hashlib.sha256(raw_bytes).hexdigest(), data, errors, shown)
     if errors:
@@ -334,7 +329,11 @@ def _build_guard(raw: dict, where: str, fields: set[str], params: set[str], err)
         if "field" in c:
             lhs_kind, lhs = "field", c["field"]
             if lhs not in fields:
-                err(f"{at}.field", f"unknown context field {lhs}", f"declare it under context_fields or use one of {', '.join(sorted(fields))}")
+                err(
+                    f"{at}.field",
+                    f"unknown context field {lhs}",
+                    f"declare it under context_fields or use one of {', '.join(sorted(fields))}",
+                )
         else:
             lhs_kind, lhs = "builtin", c["builtin"]
             if lhs not in BUILTINS:

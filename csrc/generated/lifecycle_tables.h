@@ -1,4 +1,4 @@
-// Generated from spec/lifecycle.yaml (sha256 d199b5287b8b0c95) by `python -m codegen`. Do not edit: edit the spec and regenerate.
+// Generated from spec/lifecycle.yaml (sha256 d199b5287b8b0c95) by `python -m codegen`. Do not edit.
 #pragma once
 
 #include <cstdint>

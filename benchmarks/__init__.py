@@ -1,0 +1,1 @@
+"""Kasmina benchmarks: `python -m benchmarks` runs them all and gathers the tables."""
