@@ -169,3 +169,16 @@ int main() { return 0; }
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_readme_diagram_is_generated_between_markers(tmp_path: Path) -> None:
+    from codegen.generate import README, README_BEGIN, README_END
+
+    root = _mutated(tmp_path, lambda d: None)
+    (root / README).write_text(f"intro\n{README_BEGIN}\nold diagram\n{README_END}\noutro\n")
+    spec = load_spec(root / "spec" / "lifecycle.yaml")
+    assert check(spec, root) == [root / README]
+    write(spec, root)
+    text = (root / README).read_text()
+    assert check(spec, root) == [] and "old diagram" not in text
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "TRAINING --> GRAFTING" in text
