@@ -33,7 +33,7 @@ def _want_cuda() -> bool:
 def _extension():
     use_cuda = _want_cuda()
     sources = sorted(glob("csrc/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fdiagnostics-color=always", "-DPy_LIMITED_API=0x030A0000"]
+    cxx = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
     kwargs = dict(
         name="kasmina._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
@@ -42,7 +42,7 @@ def _extension():
     )
     if not use_cuda:
         return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DKASMINA_WITH_CUDA"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DKASMINA_WITH_CUDA"]
     extra_include = os.environ.get("KASMINA_CUDA_EXTRA_INCLUDE")
     if extra_include:
         nvcc.append(f"-I{extra_include}")
