@@ -1,0 +1,180 @@
+// CPU kernels of the lifecycle ops: kasmina::apply_transitions, kasmina::step_epoch and
+// kasmina::state_summary. Every per-seed rule is in lifecycle_step.h; this file only
+// checks the tensors and runs those rules over seeds and requests with at::parallel_for.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "lifecycle_step.h"
+
+namespace kasmina {
+namespace {
+
+namespace spec = ::kasmina::spec;
+namespace lc = ::kasmina::lifecycle;
+
+constexpr int64_t kGrain = 2048;
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "kasmina: ", name, " must be on the CPU like the state tensor, got ", t.device());
+}
+
+void check_state(const at::Tensor& state) {
+  check_cpu(state, "state");
+  TORCH_CHECK(state.scalar_type() == at::kInt, "kasmina: state must be int32, got ", state.scalar_type());
+  TORCH_CHECK(state.dim() == 2 && state.size(1) == spec::kNumStateColumns, "kasmina: state must have shape (N, ",
+              spec::kNumStateColumns, "), got ", state.sizes());
+  TORCH_CHECK(state.is_contiguous(), "kasmina: state must be contiguous");
+}
+
+void check_vector(const at::Tensor& t, const char* name, int64_t length) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == length, "kasmina: ", name, " must have shape (", length, "), got ",
+              t.sizes());
+}
+
+// Marks, for every in-range seed id of the batch, whether it occurs more than once.
+// flags[s] bit 0: seen, bit 1: seen again. Returns an empty vector when the batch cannot
+// hold duplicates (K <= 1).
+std::vector<uint8_t> duplicate_flags(const int64_t* seed_ids, int64_t num_requests, int64_t num_seeds) {
+  std::vector<uint8_t> flags;
+  if (num_requests <= 1) return flags;
+  flags.assign(static_cast<size_t>(num_seeds), 0);
+  uint8_t* f = flags.data();
+  at::parallel_for(0, num_requests, kGrain * 4, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t s = seed_ids[k];
+      if (!lc::seed_in_range(s, num_seeds)) continue;
+      // Relaxed atomics: only the final bits matter, read after parallel_for joins.
+      if (__atomic_fetch_or(&f[s], uint8_t{1}, __ATOMIC_RELAXED) & 1) {
+        __atomic_fetch_or(&f[s], uint8_t{2}, __ATOMIC_RELAXED);
+      }
+    }
+  });
+  return flags;
+}
+
+template <typename StateIndex>
+void apply_kernel(int32_t* state, int32_t* history, int32_t* history_count, int64_t num_seeds, const int64_t* seed_ids,
+                  const StateIndex* from_states, const StateIndex* to_states, const float* context,
+                  const int32_t* min_epochs, const float* params, int32_t* codes, int64_t num_requests) {
+  const std::vector<uint8_t> flags = duplicate_flags(seed_ids, num_requests, num_seeds);
+  const uint8_t* dup = flags.empty() ? nullptr : flags.data();
+  at::parallel_for(0, num_requests, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t s = seed_ids[k];
+      const int32_t occurrences = (dup != nullptr && lc::seed_in_range(s, num_seeds) && (dup[s] & 2)) ? 2 : 1;
+      const int64_t from = static_cast<int64_t>(from_states[k]);
+      const int64_t to = static_cast<int64_t>(to_states[k]);
+      const int32_t code = lc::judge_request(s, num_seeds, occurrences, state, from, to,
+                                             context + k * spec::kNumContextFields, min_epochs, params);
+      if (code == spec::REASON_OK) {
+        lc::commit_transition(state + s * spec::kNumStateColumns, history + s * spec::kHistoryLength * 2,
+                              history_count + s, static_cast<int32_t>(from), static_cast<int32_t>(to));
+      }
+      codes[k] = code;
+    }
+  });
+}
+
+at::Tensor apply_transitions_cpu(at::Tensor& state, at::Tensor& history, at::Tensor& history_count,
+                                 const at::Tensor& seed_ids, const at::Tensor& from_states,
+                                 const at::Tensor& to_states, const at::Tensor& context,
+                                 const at::Tensor& min_epochs, const at::Tensor& params) {
+  check_state(state);
+  const int64_t n = state.size(0);
+  check_cpu(history, "history");
+  TORCH_CHECK(history.scalar_type() == at::kInt, "kasmina: history must be int32, got ", history.scalar_type());
+  TORCH_CHECK(history.dim() == 3 && history.size(0) == n && history.size(1) == spec::kHistoryLength &&
+                  history.size(2) == 2,
+              "kasmina: history must have shape (", n, ", ", spec::kHistoryLength, ", 2), got ", history.sizes());
+  TORCH_CHECK(history.is_contiguous(), "kasmina: history must be contiguous");
+  check_vector(history_count, "history_count", n);
+  TORCH_CHECK(history_count.scalar_type() == at::kInt, "kasmina: history_count must be int32, got ",
+              history_count.scalar_type());
+  TORCH_CHECK(history_count.is_contiguous(), "kasmina: history_count must be contiguous");
+
+  TORCH_CHECK(seed_ids.dim() == 1, "kasmina: seed_ids must be 1-D, got shape ", seed_ids.sizes());
+  const int64_t k = seed_ids.size(0);
+  check_vector(seed_ids, "seed_ids", k);
+  TORCH_CHECK(seed_ids.scalar_type() == at::kLong, "kasmina: seed_ids must be int64, got ", seed_ids.scalar_type());
+  check_vector(from_states, "from_states", k);
+  check_vector(to_states, "to_states", k);
+  TORCH_CHECK(from_states.scalar_type() == to_states.scalar_type() &&
+                  (from_states.scalar_type() == at::kInt || from_states.scalar_type() == at::kLong),
+              "kasmina: from_states and to_states must both be int32 or both int64, got ", from_states.scalar_type(),
+              " and ", to_states.scalar_type());
+  check_cpu(context, "context");
+  TORCH_CHECK(context.scalar_type() == at::kFloat, "kasmina: context must be float32, got ", context.scalar_type());
+  TORCH_CHECK(context.dim() == 2 && context.size(0) == k && context.size(1) == spec::kNumContextFields,
+              "kasmina: context must have shape (", k, ", ", spec::kNumContextFields, "), got ", context.sizes());
+  check_vector(min_epochs, "min_epochs", spec::kNumStates);
+  TORCH_CHECK(min_epochs.scalar_type() == at::kInt, "kasmina: min_epochs must be int32, got ",
+              min_epochs.scalar_type());
+  check_vector(params, "params", spec::kNumParams);
+  TORCH_CHECK(params.scalar_type() == at::kFloat, "kasmina: params must be float32, got ", params.scalar_type());
+
+  const at::Tensor ids = seed_ids.contiguous();
+  const at::Tensor from = from_states.contiguous();
+  const at::Tensor to = to_states.contiguous();
+  const at::Tensor ctx = context.contiguous();
+  const at::Tensor me = min_epochs.contiguous();
+  const at::Tensor pr = params.contiguous();
+  at::Tensor codes = at::empty({k}, seed_ids.options().dtype(at::kInt));
+  if (k == 0) return codes;
+
+  if (from.scalar_type() == at::kInt) {
+    apply_kernel<int32_t>(state.data_ptr<int32_t>(), history.data_ptr<int32_t>(), history_count.data_ptr<int32_t>(),
+                          n, ids.data_ptr<int64_t>(), from.data_ptr<int32_t>(), to.data_ptr<int32_t>(),
+                          ctx.data_ptr<float>(), me.data_ptr<int32_t>(), pr.data_ptr<float>(),
+                          codes.data_ptr<int32_t>(), k);
+  } else {
+    apply_kernel<int64_t>(state.data_ptr<int32_t>(), history.data_ptr<int32_t>(), history_count.data_ptr<int32_t>(),
+                          n, ids.data_ptr<int64_t>(), from.data_ptr<int64_t>(), to.data_ptr<int64_t>(),
+                          ctx.data_ptr<float>(), me.data_ptr<int32_t>(), pr.data_ptr<float>(),
+                          codes.data_ptr<int32_t>(), k);
+  }
+  return codes;
+}
+
+void step_epoch_cpu(at::Tensor& state) {
+  check_state(state);
+  int32_t* rows = state.data_ptr<int32_t>();
+  at::parallel_for(0, state.size(0), kGrain * 8, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) lc::step_row_epoch(rows + s * spec::kNumStateColumns);
+  });
+}
+
+at::Tensor state_summary_cpu(const at::Tensor& state) {
+  check_state(state);
+  const int32_t* rows = state.data_ptr<int32_t>();
+  std::array<std::atomic<int64_t>, spec::kNumStates> totals{};
+  at::parallel_for(0, state.size(0), kGrain * 8, [&](int64_t begin, int64_t end) {
+    std::array<int64_t, spec::kNumStates> local{};
+    for (int64_t s = begin; s < end; ++s) {
+      const int32_t st = rows[s * spec::kNumStateColumns + spec::COL_LIFECYCLE_STATE];
+      if (st >= 0 && st < spec::kNumStates) ++local[st];
+    }
+    for (int32_t i = 0; i < spec::kNumStates; ++i) totals[i].fetch_add(local[i], std::memory_order_relaxed);
+  });
+  at::Tensor out = at::empty({spec::kNumStates}, state.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int32_t i = 0; i < spec::kNumStates; ++i) o[i] = totals[i].load(std::memory_order_relaxed);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
+  m.impl("apply_transitions", &apply_transitions_cpu);
+  m.impl("step_epoch", &step_epoch_cpu);
+  m.impl("state_summary", &state_summary_cpu);
+}
+
+}  // namespace kasmina
