@@ -7,6 +7,15 @@ driven by the lifecycle in ``spec/lifecycle.yaml``.
 
 from ._extension import StaleExtensionError, backend, backend_description
 from ._generated.lifecycle_tables import SPEC_SHA256
+from .grafting import (
+    AdaptiveGrafting,
+    DriftControlledGrafting,
+    GraftingContext,
+    GraftingStrategyBase,
+    LinearGrafting,
+    MomentumGrafting,
+    StabilityGrafting,
+)
 from .lifecycle import CONTEXT_FIELDS, ExtendedLifecycle, Reason
 
 __version__ = "0.1.0"
@@ -14,8 +23,15 @@ __version__ = "0.1.0"
 __all__ = [
     "CONTEXT_FIELDS",
     "SPEC_SHA256",
+    "AdaptiveGrafting",
+    "DriftControlledGrafting",
     "ExtendedLifecycle",
+    "GraftingContext",
+    "GraftingStrategyBase",
+    "LinearGrafting",
+    "MomentumGrafting",
     "Reason",
+    "StabilityGrafting",
     "StaleExtensionError",
     "__version__",
     "backend",
