@@ -1,0 +1,123 @@
+// Chunked blend logic shared by the CPU kernels (blend_cpu.cpp) and the CUDA kernels
+// (cuda/blend_cuda.cu). Torch-free, every function KASMINA_HD.
+//
+// Layout: base, blueprint_out, out and grad are contiguous (rows, dim); alpha has
+// num_chunks entries. Chunk s is the contiguous slice [chunk_begin(s), chunk_begin(s + 1))
+// of the last dimension; with q = dim / num_chunks and r = dim % num_chunks the first r
+// chunks are q + 1 wide, the others q (DESIGN §4). 1 <= num_chunks <= dim.
+//
+// Formulas, per element of chunk s with a = alpha[s], computed in acc_t (float for
+// float32/float16/bfloat16 inputs, double for float64), each operation rounded on its
+// own (no fused multiply-add), so CPU and CUDA give the same bits:
+//   out          = base + a * (blueprint_out - base)        (a != 0)
+//   out          = base                                      (a == 0: blueprint_out unread)
+//   grad_base    = g * (1 - a)
+//   grad_bp      = g * a                                     (a != 0), exactly 0 (a == 0)
+//   grad_alpha_s = sum over the chunk and all rows of g * (blueprint_out - base) (a != 0),
+//                  exactly 0 (a == 0)
+#pragma once
+
+#include <cstdint>
+
+#ifndef KASMINA_HD
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define KASMINA_HD __host__ __device__ __forceinline__
+#else
+#define KASMINA_HD inline
+#endif
+#endif
+
+namespace kasmina {
+namespace blend {
+
+// First feature of chunk `chunk` (chunk == num_chunks gives dim).
+KASMINA_HD int64_t chunk_begin(int64_t chunk, int64_t dim, int64_t num_chunks) {
+  const int64_t q = dim / num_chunks;
+  const int64_t r = dim % num_chunks;
+  return chunk * q + (chunk < r ? chunk : r);
+}
+
+// Chunk holding feature `feature` (0 <= feature < dim).
+KASMINA_HD int64_t chunk_of(int64_t feature, int64_t dim, int64_t num_chunks) {
+  const int64_t q = dim / num_chunks;
+  const int64_t r = dim % num_chunks;
+  const int64_t wide_end = r * (q + 1);
+  return feature < wide_end ? feature / (q + 1) : r + (feature - wide_end) / q;
+}
+
+// A chunk whose alpha is exactly zero (either sign) has no blueprint output.
+template <typename acc_t>
+KASMINA_HD bool chunk_active(acc_t alpha) {
+  return alpha != acc_t(0);
+}
+
+// Rounded arithmetic: nvcc would otherwise contract a + b * c into one FMA.
+KASMINA_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+KASMINA_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+KASMINA_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+KASMINA_HD double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+KASMINA_HD double sub_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+KASMINA_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+// Output of one element of an active chunk.
+template <typename acc_t>
+KASMINA_HD acc_t blend_value(acc_t base, acc_t blueprint, acc_t alpha) {
+  return add_rn(base, mul_rn(alpha, sub_rn(blueprint, base)));
+}
+
+// d out / d base, times the incoming gradient (any chunk).
+template <typename acc_t>
+KASMINA_HD acc_t grad_base_value(acc_t grad, acc_t alpha) {
+  return mul_rn(grad, sub_rn(acc_t(1), alpha));
+}
+
+// d out / d blueprint_out, times the incoming gradient (active chunks; inactive ones get 0).
+template <typename acc_t>
+KASMINA_HD acc_t grad_blueprint_value(acc_t grad, acc_t alpha) {
+  return mul_rn(grad, alpha);
+}
+
+// One element's term of grad_alpha (active chunks only).
+template <typename acc_t>
+KASMINA_HD acc_t grad_alpha_term(acc_t grad, acc_t base, acc_t blueprint) {
+  return mul_rn(grad, sub_rn(blueprint, base));
+}
+
+}  // namespace blend
+}  // namespace kasmina
