@@ -1,0 +1,83 @@
+"""ExtendedTelemetry: the seed document's five metrics, and the JSONL / TensorBoard writers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+
+from kasmina import ExtendedLifecycle as L
+from kasmina.state import ExtendedStateTensor
+from kasmina.telemetry import ExtendedTelemetry, JsonlWriter, TensorBoardWriter, tensorboard_available
+
+KEYS = {"state_distribution", "transition_rate", "checkpoint_count", "grafting_progress", "error_rates"}
+
+
+def walk(state: ExtendedStateTensor, ids: list[int], path: list[L]) -> None:
+    for src, dst in itertools.pairwise(path):
+        codes = state.apply_transitions(ids, [src] * len(ids), [dst] * len(ids))
+        assert codes.tolist() == [0] * len(ids)
+
+
+def test_metrics_of_a_bare_state_tensor():
+    state = ExtendedStateTensor(10)
+    telemetry = ExtendedTelemetry(state)
+    first = telemetry.collect_lifecycle_metrics(epoch=0)
+    assert set(first) == KEYS
+    assert first["state_distribution"]["DORMANT"] == 10
+    assert sum(first["state_distribution"].values()) == 10
+    assert first["transition_rate"] == 0
+    assert first["checkpoint_count"] == 0
+    assert first["grafting_progress"]["seeds_grafting"] == 0
+    assert math.isnan(first["grafting_progress"]["mean_alpha"])
+    assert first["error_rates"]["total_errors"] == 0
+
+    walk(state, [0, 1, 2], [L.DORMANT, L.GERMINATED, L.TRAINING])  # 6 transitions
+    walk(state, [3], [L.DORMANT, L.GERMINATED, L.CANCELLED])  # 2 transitions
+    state.increment_error_count([0, 0, 3])
+    second = telemetry.collect_lifecycle_metrics(epoch=4)
+    dist = second["state_distribution"]
+    assert (dist["DORMANT"], dist["TRAINING"], dist["CANCELLED"]) == (6, 3, 1)
+    assert second["transition_rate"] == pytest.approx(8 / 4)
+    errors = second["error_rates"]
+    assert errors["total_errors"] == 3 and errors["seeds_with_errors"] == 2
+    assert errors["fraction_with_errors"] == pytest.approx(0.2)
+    assert errors["errors_by_state"]["TRAINING"] == 2 and errors["errors_by_state"]["CANCELLED"] == 1
+    assert sum(errors["errors_by_state"].values()) == 3
+    assert telemetry.collect_lifecycle_metrics()["transition_rate"] == 0  # nothing since the last call
+    with pytest.raises(ValueError, match="does not advance"):
+        telemetry.collect_lifecycle_metrics(epoch=4)
+
+
+def test_rejects_other_objects():
+    with pytest.raises(TypeError, match="ChunkedKasminaLayer or an ExtendedStateTensor"):
+        ExtendedTelemetry(object())
+
+
+def test_jsonl_writer_round_trip(tmp_path):
+    path = tmp_path / "deep" / "t.jsonl"
+    with JsonlWriter(path, mode="w") as writer:
+        writer.write({"epoch": 1, "alpha": float("nan"), "nested": {"x": [1.5, float("inf")]}})
+        writer.write({"epoch": 2})
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == [{"epoch": 1, "alpha": None, "nested": {"x": [1.5, None]}}, {"epoch": 2}]
+    with pytest.raises(ValueError, match="closed"):
+        writer.write({})
+    with pytest.raises(ValueError, match="mode"):
+        JsonlWriter(path, mode="r")
+
+
+def test_tensorboard_writer_needs_tensorboard(tmp_path, monkeypatch):
+    monkeypatch.setattr("kasmina.telemetry.tensorboard_available", lambda: False)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        TensorBoardWriter(tmp_path)
+
+
+@pytest.mark.skipif(not tensorboard_available(), reason="the optional tensorboard package is not installed")
+def test_tensorboard_writer_writes_events(tmp_path):
+    writer = TensorBoardWriter(tmp_path)
+    writer.write({"state_distribution": {"DORMANT": 3}, "transition_rate": 0.5, "label": "x"}, step=1)
+    writer.close()
+    assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
