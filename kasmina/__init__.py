@@ -16,7 +16,10 @@ from .grafting import (
     MomentumGrafting,
     StabilityGrafting,
 )
-from .lifecycle import CONTEXT_FIELDS, ExtendedLifecycle, Reason
+from .lifecycle import CONTEXT_FIELDS, ExtendedLifecycle, Reason, StateTransition, TransitionContext
+from .manager import LifecycleManager, TransitionResult
+from .policy import LifecyclePolicy
+from .state import ExtendedStateTensor
 
 __version__ = "0.1.0"
 
@@ -26,13 +29,19 @@ __all__ = [
     "AdaptiveGrafting",
     "DriftControlledGrafting",
     "ExtendedLifecycle",
+    "ExtendedStateTensor",
     "GraftingContext",
     "GraftingStrategyBase",
+    "LifecycleManager",
+    "LifecyclePolicy",
     "LinearGrafting",
     "MomentumGrafting",
     "Reason",
     "StabilityGrafting",
     "StaleExtensionError",
+    "StateTransition",
+    "TransitionContext",
+    "TransitionResult",
     "__version__",
     "backend",
     "backend_description",

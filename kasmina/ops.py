@@ -9,10 +9,151 @@ formulas for the compiled ops are registered here, so the ops work under
 
 from __future__ import annotations
 
-from ._extension import HAS_EXTENSION
+import torch
+
+from . import _reference
+from ._extension import HAS_CUDA_KERNELS, HAS_EXTENSION
+from ._generated.lifecycle_tables import NUM_STATES as _NUM_STATES
 
 __all__ = ["HAS_EXTENSION"]
 
 # ---- lifecycle ops ----------------------------------------------------------------
 
+__all__ += ["apply_transitions", "state_summary", "step_epoch"]
+
+
+def _lifecycle_kernel(state: torch.Tensor) -> bool:
+    """Whether the compiled op serves tensors on ``state``'s device (else the reference)."""
+    if not HAS_EXTENSION:
+        return False
+    kind = state.device.type
+    return kind in ("cpu", "meta") or (kind == "cuda" and HAS_CUDA_KERNELS)
+
+
+def apply_transitions(
+    state: torch.Tensor,
+    history: torch.Tensor,
+    history_count: torch.Tensor,
+    seed_ids: torch.Tensor,
+    from_states: torch.Tensor,
+    to_states: torch.Tensor,
+    context: torch.Tensor,
+    min_epochs: torch.Tensor,
+    params: torch.Tensor,
+) -> torch.Tensor:
+    """Judge K transition requests and commit the accepted ones in place.
+
+    ``state`` (N, 8) int32, ``history`` (N, H, 2) int32 and ``history_count`` (N,) int32
+    are mutated; ``seed_ids`` int64 (K,), ``from_states``/``to_states`` both int32 or both
+    int64 (K,), ``context`` float32 (K, F) with NaN for missing metrics, ``min_epochs``
+    int32 (S,) and ``params`` float32 (P,) (see ``LifecyclePolicy.tensors``). Returns
+    int32 (K,) reason codes (``kasmina.Reason``). Inputs are expected validated
+    (``ExtendedStateTensor.apply_transitions`` does that); the kernels check shapes and
+    dtypes only.
+    """
+    impl = torch.ops.kasmina.apply_transitions if _lifecycle_kernel(state) else _reference.apply_transitions
+    return impl(state, history, history_count, seed_ids, from_states, to_states, context, min_epochs, params)
+
+
+def step_epoch(state: torch.Tensor) -> None:
+    """Advance every seed's EPOCHS_IN_STATE by one lifecycle epoch, saturating, in place."""
+    if _lifecycle_kernel(state):
+        torch.ops.kasmina.step_epoch(state)
+    else:
+        _reference.step_epoch(state)
+
+
+def state_summary(state: torch.Tensor) -> torch.Tensor:
+    """Number of seeds in each state id, int64 (NUM_STATES,)."""
+    if _lifecycle_kernel(state):
+        return torch.ops.kasmina.state_summary(state)
+    return _reference.state_summary(state)
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("kasmina::apply_transitions")
+    def _apply_transitions_fake(state, history, history_count, seed_ids, from_states, to_states, context,
+                                min_epochs, params):
+        return seed_ids.new_empty(seed_ids.shape, dtype=torch.int32)
+
+    @torch.library.register_fake("kasmina::step_epoch")
+    def _step_epoch_fake(state):
+        return None
+
+    @torch.library.register_fake("kasmina::state_summary")
+    def _state_summary_fake(state):
+        return state.new_empty((_NUM_STATES,), dtype=torch.int64)
+
+
 # ---- chunked blend ----------------------------------------------------------------
+
+__all__ += ["chunked_blend"]
+
+
+def _blend_kernel(base: torch.Tensor) -> bool:
+    """Whether the compiled blend serves tensors on ``base``'s device (else the reference)."""
+    if not HAS_EXTENSION:
+        return False
+    kind = base.device.type
+    return kind in ("cpu", "meta") or (kind == "cuda" and HAS_CUDA_KERNELS)
+
+
+def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """Blend a blueprint's output into the host's, chunk by chunk.
+
+    ``base`` and ``blueprint_out`` are (..., D) tensors of one dtype (float32, float16,
+    bfloat16 or float64) on one device; ``alpha`` is (num_chunks,) float32 (or float64
+    with float64 inputs). Chunk ``s`` is a contiguous slice of the last dimension, the
+    first ``D % num_chunks`` chunks one feature wider. Returns
+    ``base + alpha[chunk] * (blueprint_out - base)``, computed in float32 (float64 for
+    float64 inputs). A chunk whose alpha is exactly 0 returns ``base`` and never reads
+    ``blueprint_out`` (it may hold NaN there); it passes no gradient to ``blueprint_out``
+    or ``alpha``. Differentiable in all three tensors and usable under
+    ``torch.compile(fullgraph=True)``. Raises ValueError/TypeError for mismatched shapes,
+    devices or dtypes, a wrong alpha length, or ``num_chunks`` outside ``[1, D]``.
+    """
+    if _blend_kernel(base):
+        return torch.ops.kasmina.chunked_blend(base, blueprint_out, alpha, num_chunks)
+    return _reference.chunked_blend(base, blueprint_out, alpha, num_chunks)
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("kasmina::chunked_blend")
+    def _chunked_blend_fake(base, blueprint_out, alpha, num_chunks):
+        _reference.check_blend_args(base, blueprint_out, alpha, num_chunks)
+        return torch.empty_like(base, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("kasmina::chunked_blend_backward")
+    def _chunked_blend_backward_fake(grad, base, blueprint_out, alpha, num_chunks, need_base, need_blueprint,
+                                     need_alpha):
+        _reference.check_blend_args(base, blueprint_out, alpha, num_chunks, "chunked_blend_backward")
+
+        def full(needed: bool) -> torch.Tensor:
+            return base.new_empty(base.shape) if needed else base.new_empty((0,))
+
+        grad_alpha = alpha.new_empty((num_chunks if need_alpha else 0,))
+        return full(need_base), full(need_blueprint), grad_alpha
+
+    def _chunked_blend_setup_context(ctx, inputs, output) -> None:
+        base, blueprint_out, alpha, num_chunks = inputs
+        ctx.save_for_backward(base, blueprint_out, alpha)
+        ctx.num_chunks = num_chunks
+
+    def _chunked_blend_backward(ctx, grad):
+        base, blueprint_out, alpha = ctx.saved_tensors
+        need_base, need_blueprint, need_alpha = ctx.needs_input_grad[:3]
+        grad_base, grad_blueprint, grad_alpha = torch.ops.kasmina.chunked_blend_backward(
+            grad, base, blueprint_out, alpha, ctx.num_chunks, need_base, need_blueprint, need_alpha
+        )
+        return (
+            grad_base if need_base else None,
+            grad_blueprint if need_blueprint else None,
+            grad_alpha if need_alpha else None,
+            None,
+        )
+
+    torch.library.register_autograd(
+        "kasmina::chunked_blend", _chunked_blend_backward, setup_context=_chunked_blend_setup_context
+    )

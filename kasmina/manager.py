@@ -1,0 +1,348 @@
+"""The controller's door to the lifecycle: requests, callbacks and a log.
+
+:class:`LifecycleManager` turns single and batched transition requests into the
+batched op on an :class:`~kasmina.state.ExtendedStateTensor`, explains refusals with the
+spec's messages, calls the callbacks registered for an edge after the transition is
+committed, and keeps a bounded log. All its methods may be called from several threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import ops
+from ._generated.lifecycle_tables import (
+    CONTEXT_FIELDS,
+    EDGE_MATRIX,
+    REASON_NAMES,
+    STATE_NAMES,
+    ExtendedLifecycle,
+    Reason,
+    StateColumn,
+)
+from .lifecycle import StateTransition, TransitionContext, context_row, format_reason
+from .policy import LifecyclePolicy, resolve_state
+from .state import ExtendedStateTensor
+
+__all__ = ["LifecycleManager", "TransitionCallback", "TransitionRecord", "TransitionResult"]
+
+logger = logging.getLogger("kasmina.lifecycle")
+_REASONS = tuple(Reason(code) for code in range(len(REASON_NAMES)))
+
+TransitionCallback = Callable[[int, ExtendedLifecycle, ExtendedLifecycle, TransitionContext], Any]
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    """Answer to one request. Unpacks as ``success, error = result`` (``error`` is None on
+    success). ``callback_errors`` lists callbacks that raised after the commit (the
+    transition stands)."""
+
+    success: bool
+    code: Reason
+    reason: str | None
+    seed_id: int
+    from_state: int
+    to_state: int
+    callback_errors: tuple[str, ...] = ()
+
+    def __iter__(self):
+        yield self.success
+        yield self.reason
+
+    def __bool__(self) -> bool:
+        return self.success
+
+
+@dataclass(frozen=True)
+class TransitionRecord:
+    """One entry of the manager's log: a single request (``seed_id`` set) or a batched
+    call (``seed_id`` None, ``batch_size`` requests, ``reason_counts`` by reason name)."""
+
+    time: float
+    seed_id: int | None
+    from_state: str | None
+    to_state: str | None
+    success: bool
+    code: str | None
+    message: str | None
+    context: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 1
+    reason_counts: dict[str, int] = field(default_factory=dict)
+    callback_errors: tuple[str, ...] = ()
+
+
+class _SingleRequest:
+    """Reusable (1,)-sized request tensors for single requests (used under the lock)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.ids = torch.zeros(1, dtype=torch.int64)
+        self.src = torch.zeros(1, dtype=torch.int32)
+        self.dst = torch.zeros(1, dtype=torch.int32)
+        self.ctx = torch.zeros(1, len(CONTEXT_FIELDS), dtype=torch.float32)
+        self.host = (self.ids.numpy(), self.src.numpy(), self.dst.numpy(), self.ctx.numpy())
+        self.device = device
+
+    def fill(self, seed_id: int, src: int, dst: int, metrics: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+        ids, srcs, dsts, ctx = self.host
+        ids[0], srcs[0], dsts[0] = seed_id, src, dst
+        ctx[0] = context_row(metrics) if metrics else math.nan
+        tensors = (self.ids, self.src, self.dst, self.ctx)
+        if self.device.type != "cpu":
+            tensors = tuple(t.to(self.device) for t in tensors)
+        return tensors
+
+
+class LifecycleManager:
+    """Thread-safe front end of an :class:`ExtendedStateTensor`.
+
+    ``checkpoint_manager`` (optional) is kept for the checkpoint integration;
+    ``policy`` (default: the spec's) sets minimum epochs and guard thresholds;
+    ``history_limit`` bounds the log of :meth:`get_transition_history`.
+    """
+
+    def __init__(
+        self,
+        state: ExtendedStateTensor,
+        checkpoint_manager: Any = None,
+        policy: LifecyclePolicy | None = None,
+        *,
+        history_limit: int = 1000,
+    ) -> None:
+        if not isinstance(state, ExtendedStateTensor):
+            raise TypeError(f"state must be an ExtendedStateTensor, got {type(state).__name__}")
+        if history_limit < 1:
+            raise ValueError(f"history_limit must be >= 1, got {history_limit}")
+        self.state = state
+        self.checkpoint_manager = checkpoint_manager
+        self._policy = policy if policy is not None else LifecyclePolicy.default()
+        self._validator = StateTransition(self._policy)
+        self._lock = threading.Lock()
+        self._callbacks: dict[tuple[int, int], list[TransitionCallback]] = {}
+        self._log: deque[TransitionRecord] = deque(maxlen=history_limit)
+        self._single: _SingleRequest | None = None
+
+    # ---- policy ---------------------------------------------------------------------
+
+    @property
+    def policy(self) -> LifecyclePolicy:
+        """The policy requests are judged under."""
+        return self._policy
+
+    def set_policy(self, policy: LifecyclePolicy) -> None:
+        """Judge later requests under ``policy``."""
+        if not isinstance(policy, LifecyclePolicy):
+            raise TypeError(f"policy must be a LifecyclePolicy, got {type(policy).__name__}")
+        with self._lock:
+            self._policy = policy
+            self._validator = StateTransition(policy)
+
+    # ---- requests -------------------------------------------------------------------
+
+    def request_transition(
+        self,
+        seed_id: int,
+        from_state: Any,
+        to_state: Any,
+        context: TransitionContext | Mapping[str, Any] | None = None,
+    ) -> TransitionResult:
+        """Ask for ``seed_id: from_state -> to_state``. ``context`` is a
+        :class:`TransitionContext` (its ``performance_metrics`` feed the guards; epochs
+        and error count are read from the state tensor, the source of truth) or a dict
+        of metrics. A seed id out of range is answered with UNKNOWN_SEED; unknown state
+        names or ids raise ValueError."""
+        if type(seed_id) is not int:
+            if isinstance(seed_id, bool) or not isinstance(seed_id, (int, np.integer)):
+                raise TypeError(f"seed_id must be an int, got {seed_id!r}")
+            seed_id = int(seed_id)
+        src, dst = resolve_state(from_state), resolve_state(to_state)
+        metrics, given = self._metrics_of(context, seed_id, dst)
+        state_t = self.state._buffers["state"]
+        num_seeds = state_t.shape[0]
+        if not 0 <= seed_id < num_seeds:
+            code = Reason.UNKNOWN_SEED
+            message = format_reason(code, seed_id=seed_id, num_seeds=num_seeds)
+            return self._finish_single(seed_id, src, dst, code, message, metrics, given)
+        with self._lock:
+            buffers = self.state._buffers
+            state_t = buffers["state"]
+            device = state_t.device
+            single = self._single
+            if single is None or single.device != device:
+                single = self._single = _SingleRequest(device)
+            ids, srcs, dsts, ctx = single.fill(seed_id, src, dst, metrics)
+            validator = self._validator
+            min_epochs, params = self._policy.tensors(device)
+            codes = ops.apply_transitions(
+                state_t, buffers["history"], buffers["history_count"], ids, srcs, dsts, ctx, min_epochs, params
+            )
+            code = _REASONS[codes.item()]
+            snapshot = None if code is Reason.OK else state_t[seed_id].tolist()
+        message = None
+        if snapshot is not None:
+            seen = TransitionContext(
+                seed_id,
+                snapshot[StateColumn.LIFECYCLE_STATE],
+                dst,
+                epochs_in_state=snapshot[StateColumn.EPOCHS_IN_STATE],
+                performance_metrics=metrics,
+                error_count=snapshot[StateColumn.ERROR_COUNT],
+            )
+            message = validator.message(code, seed_id, src, dst, seen, num_seeds=num_seeds)
+        return self._finish_single(seed_id, src, dst, code, message, metrics, given)
+
+    def request_transitions(
+        self,
+        seed_ids: Any,
+        from_states: Any,
+        to_states: Any,
+        context: Mapping[str, Any] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Judge a batch of requests (see :meth:`ExtendedStateTensor.apply_transitions`)
+        and return int32 (K,) reason codes. Logs one summary record; callbacks registered
+        for an edge are called for each seed of the batch that took it."""
+        with self._lock:
+            codes = self.state.apply_transitions(seed_ids, from_states, to_states, context, policy=self._policy)
+        counts = torch.bincount(codes.to(torch.int64), minlength=len(REASON_NAMES)).tolist()
+        errors: list[str] = []
+        if self._callbacks and counts[Reason.OK]:
+            errors = self._batch_callbacks(seed_ids, from_states, to_states, context, codes)
+        self._log.append(
+            TransitionRecord(
+                time=time.time(),
+                seed_id=None,
+                from_state=None,
+                to_state=None,
+                success=counts[Reason.OK] == codes.shape[0],
+                code=None,
+                message=f"batch of {codes.shape[0]} requests, {counts[Reason.OK]} accepted",
+                batch_size=codes.shape[0],
+                reason_counts={REASON_NAMES[i]: n for i, n in enumerate(counts) if n},
+                callback_errors=tuple(errors),
+            )
+        )
+        return codes
+
+    def step_epoch(self) -> None:
+        """Advance every seed's lifecycle epoch counter by one."""
+        with self._lock:
+            self.state.step_epoch()
+
+    # ---- callbacks and log ----------------------------------------------------------
+
+    def register_transition_callback(self, from_state: Any, to_state: Any, fn: TransitionCallback) -> None:
+        """Call ``fn(seed_id, from_state, to_state, context)`` after every committed
+        transition ``from_state -> to_state`` (which must be an edge of the lifecycle).
+        An exception in ``fn`` is logged and reported; the transition stands."""
+        src, dst = resolve_state(from_state), resolve_state(to_state)
+        if EDGE_MATRIX[src][dst] < 0:
+            raise ValueError(f"no transition {STATE_NAMES[src]} -> {STATE_NAMES[dst]} in the lifecycle")
+        if not callable(fn):
+            raise TypeError(f"callback must be callable, got {fn!r}")
+        with self._lock:
+            self._callbacks.setdefault((src, dst), []).append(fn)
+
+    def get_transition_history(self, seed_id: int | None = None, limit: int = 100) -> list[TransitionRecord]:
+        """The newest ``limit`` log records, oldest first; with ``seed_id`` only that
+        seed's single requests (its committed transitions are also in the state tensor's
+        own history, :meth:`ExtendedStateTensor.get_transition_history`)."""
+        with self._lock:
+            records = list(self._log)
+        if seed_id is not None:
+            records = [r for r in records if r.seed_id == seed_id]
+        return records[-limit:] if limit > 0 else []
+
+    # ---- internals ------------------------------------------------------------------
+
+    @staticmethod
+    def _metrics_of(context: Any, seed_id: int, dst: int) -> tuple[dict[str, Any], TransitionContext | None]:
+        if context is None:
+            return {}, None
+        if isinstance(context, TransitionContext):
+            if context.seed_id != seed_id:
+                raise ValueError(f"the context is for seed {context.seed_id}, the request for seed {seed_id}")
+            if int(context.target_state) != dst:
+                raise ValueError(
+                    f"the context targets {context.target_state.name}, the request {STATE_NAMES[dst]}"
+                )
+            return context.performance_metrics, context
+        if isinstance(context, Mapping):
+            return dict(context), None
+        raise TypeError(f"context must be a TransitionContext, a dict of metrics or None, got {type(context).__name__}")
+
+    def _finish_single(
+        self, seed_id: int, src: int, dst: int, code: Reason, message: str | None, metrics: dict[str, Any],
+        given: TransitionContext | None,
+    ) -> TransitionResult:
+        errors: tuple[str, ...] = ()
+        if code == Reason.OK and (self.checkpoint_manager is not None or (src, dst) in self._callbacks):
+            context = given if given is not None else TransitionContext(seed_id, src, dst, performance_metrics=metrics)
+            errors = tuple(self._after_commit(seed_id, src, dst, context))
+        self._log.append(
+            TransitionRecord(
+                time=time.time(),
+                seed_id=seed_id,
+                from_state=STATE_NAMES[src],
+                to_state=STATE_NAMES[dst],
+                success=code == Reason.OK,
+                code=code.name,
+                message=message,
+                context=dict(metrics),
+                callback_errors=errors,
+            )
+        )
+        return TransitionResult(code == Reason.OK, code, message, seed_id, src, dst, errors)
+
+    def _after_commit(self, seed_id: int, src: int, dst: int, context: TransitionContext) -> list[str]:
+        """Work that follows a committed single transition (called outside the lock,
+        when the edge has callbacks or a checkpoint manager is set): the edge's
+        callbacks. Returns the errors of callbacks that raised."""
+        return self._run_callbacks(seed_id, src, dst, context)
+
+    def _run_callbacks(self, seed_id: int, src: int, dst: int, context: TransitionContext) -> list[str]:
+        callbacks = self._callbacks.get((src, dst))
+        if not callbacks:
+            return []
+        errors = []
+        for fn in list(callbacks):
+            try:
+                fn(seed_id, ExtendedLifecycle(src), ExtendedLifecycle(dst), context)
+            except Exception as exc:  # a callback must not undo or corrupt the transition
+                logger.exception("transition callback %r failed for seed %d %s -> %s", fn, seed_id,
+                                 STATE_NAMES[src], STATE_NAMES[dst])
+                errors.append(f"{getattr(fn, '__qualname__', repr(fn))}: {type(exc).__name__}: {exc}")
+        return errors
+
+    def _batch_callbacks(self, seed_ids: Any, from_states: Any, to_states: Any, context: Any,
+                         codes: torch.Tensor) -> list[str]:
+        """Callbacks for the accepted requests of a batch whose edge has callbacks."""
+        st = self.state
+        ids = st._tensor_arg(seed_ids, "seed_ids", integer=True).to(torch.int64)
+        src = st._state_arg(from_states, "from_states", ids.shape[0]).to(torch.int64)
+        dst = st._state_arg(to_states, "to_states", ids.shape[0]).to(torch.int64)
+        ctx = st._context_arg(context, ids.shape[0])
+        accepted = codes == Reason.OK
+        errors: list[str] = []
+        for (edge_src, edge_dst) in list(self._callbacks):
+            mask = accepted & (src == edge_src) & (dst == edge_dst)
+            for k in torch.nonzero(mask).flatten().tolist():
+                metrics = {
+                    name: value
+                    for name, value in zip(CONTEXT_FIELDS, ctx[k].tolist(), strict=True)
+                    if not math.isnan(value)
+                }
+                seed = int(ids[k])
+                errors += self._run_callbacks(
+                    seed, edge_src, edge_dst, TransitionContext(seed, edge_src, edge_dst, performance_metrics=metrics)
+                )
+        return errors
