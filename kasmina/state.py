@@ -243,6 +243,17 @@ class ExtendedStateTensor(nn.Module):
 
     # ---- persistence ----------------------------------------------------------------
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply; dtype casts of an owner (``.half()``, ``.double()``) do not:
+        the buffers keep their dtypes and values."""
+        originals = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in originals.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         problems = []
         for name in _BUFFERS:
@@ -291,7 +302,8 @@ class ExtendedStateTensor(nn.Module):
             if isinstance(values, (int, float, np.integer, np.floating)) and not isinstance(values, bool):
                 values = [values]
             try:
-                tensor = torch.as_tensor(values, device=self.device)
+                empty_dtype = torch.int64 if integer else torch.float32
+                tensor = torch.as_tensor(values, device=self.device, dtype=None if len(values) else empty_dtype)
             except (TypeError, ValueError, RuntimeError) as exc:
                 raise TypeError(f"{name} must be a tensor or a sequence of numbers, got {values!r}") from exc
         if tensor.dim() != 1:
