@@ -398,6 +398,7 @@ class LifecycleSync:
         self.controller_rank = int(controller_rank)
         self.device = _comm_device(group) if self.active else torch.device("cpu")
         self.sequence = 0
+        self._buffers: dict[tuple[str, torch.dtype, int], Tensor] = {}
 
     @property
     def is_controller(self) -> bool:
@@ -447,25 +448,37 @@ class LifecycleSync:
         additive = [n for n in names if op_of[n] in ("mean", "sum")]
         extreme = [n for n in names if op_of[n] in ("max", "min")]
         if additive:
-            summed = self._packed_all_reduce(additive, values, dist.ReduceOp.SUM, negate=set())
-            for n in additive:
-                out[n] = summed[n] / self.world_size if op_of[n] == "mean" else summed[n]
+            out.update(self._packed_all_reduce(additive, values, op_of, dist.ReduceOp.SUM))
         if extreme:
-            negate = {n for n in extreme if op_of[n] == "min"}
-            maxed = self._packed_all_reduce(extreme, values, dist.ReduceOp.MAX, negate=negate)
-            for n in extreme:
-                out[n] = -maxed[n] if n in negate else maxed[n]
+            out.update(self._packed_all_reduce(extreme, values, op_of, dist.ReduceOp.MAX))
         return {n: out[n].to(values[n].dtype).to(values[n].device) for n in names}
 
-    def _packed_all_reduce(self, names: list[str], values: Mapping[str, Tensor], op: Any, negate: set[str]) -> dict[str, Tensor]:
+    def _packed_all_reduce(
+        self, names: list[str], values: Mapping[str, Tensor], op_of: Mapping[str, str], op: Any
+    ) -> dict[str, Tensor]:
+        """One all_reduce of ``names`` packed in a persistent buffer (gloo reduces into
+        fresh memory markedly slower); min travels negated through MAX, mean is divided
+        in place; each result is one copy out of the buffer."""
         dtype = torch.float32
         for n in names:
             dtype = torch.promote_types(dtype, values[n].dtype)
-        flat = [(-values[n] if n in negate else values[n]).reshape(-1).to(self.device, dtype) for n in names]
-        buffer = torch.cat(flat) if len(flat) > 1 else flat[0].clone()
+        sizes = [values[n].numel() for n in names]
+        key = (str(op), dtype, sum(sizes))
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty(sum(sizes), dtype=dtype, device=self.device)
+        parts = dict(zip(names, buffer.split(sizes), strict=True))
+        for n, part in parts.items():
+            part.copy_(values[n].reshape(-1))
+            if op_of[n] == "min":
+                part.neg_()
         self._collective(f"all_reduce of metrics {names}", lambda: dist.all_reduce(buffer, op=op, group=self.group))
-        parts = buffer.split([f.numel() for f in flat])
-        return {n: p.reshape(values[n].shape) for n, p in zip(names, parts, strict=True)}
+        for n, part in parts.items():
+            if op_of[n] == "min":
+                part.neg_()
+            elif op_of[n] == "mean":
+                part.div_(self.world_size)
+        return {n: part.reshape(values[n].shape).clone() for n, part in parts.items()}
 
     # ---- commands -----------------------------------------------------------------
     def broadcast_commands(self, commands: CommandBatch | Sequence[LifecycleCommand] | None = None) -> CommandBatch:
