@@ -7,6 +7,15 @@ driven by the lifecycle in ``spec/lifecycle.yaml``.
 
 from ._extension import StaleExtensionError, backend, backend_description
 from ._generated.lifecycle_tables import SPEC_SHA256
+from .checkpoint import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    CheckpointRecovery,
+    CheckpointWriteError,
+    UnsafeCheckpointError,
+)
 from .grafting import (
     AdaptiveGrafting,
     DriftControlledGrafting,
@@ -27,6 +36,12 @@ __all__ = [
     "CONTEXT_FIELDS",
     "SPEC_SHA256",
     "AdaptiveGrafting",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CheckpointRecovery",
+    "CheckpointWriteError",
     "DriftControlledGrafting",
     "ExtendedLifecycle",
     "ExtendedStateTensor",
@@ -42,6 +57,7 @@ __all__ = [
     "StateTransition",
     "TransitionContext",
     "TransitionResult",
+    "UnsafeCheckpointError",
     "__version__",
     "backend",
     "backend_description",

@@ -1,0 +1,887 @@
+"""Crash-safe checkpoints: :class:`CheckpointManager` and :class:`CheckpointRecovery`.
+
+Layout::
+
+    checkpoint_dir/active/<id>.safetensors   payload (no pickle)
+    checkpoint_dir/active/<id>.json          sidecar, version 2: the commit record
+    checkpoint_dir/archive/...               older low/normal checkpoints moved by retention
+
+Ids are ``{layer}_seed{seed}_{ms}_{seq}`` (a whole layer: ``{layer}_layer_{ms}_{seq}``)
+with a per-process sequence; the final names are claimed with a no-overwrite hard link,
+so two threads or processes can never overwrite each other's checkpoint, even in the same
+millisecond (a clash just takes the next sequence number). A save writes both files to
+temp names, fsyncs them, links the payload and then the sidecar into place and fsyncs
+the folder (:mod:`kasmina.durable_io`); only then is anything moved by retention. A
+checkpoint exists once its sidecar does; a payload without sidecar is an unfinished
+save. Every restore checks the payload's size and sha256 and the sidecar's own
+checksum, and names the damaged file when one fails. ``durable=False`` skips every
+fsync: faster, still atomic for readers, but **not crash-safe** (scratch data, tests).
+
+Each seed checkpoint also gets ``number``, a per-(layer, seed) sequence starting at 1,
+stored in the sidecar: the stable int32 that goes into a seed's CHECKPOINT_ID column
+(:meth:`CheckpointManager.get_checkpoint_by_number` maps it back). Numbers continue from
+the highest one in ``active/`` for that seed; they are unique when one process writes a
+given seed (two processes writing the same seed may share a number, and a lookup then
+returns the newest).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import hashlib
+import operator
+import os
+import re
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .checkpoint_errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    UnsafeCheckpointError,
+)
+from .checkpoint_format import (
+    PRIORITIES,
+    CheckpointInfo,
+    EncodedPayload,
+    build_sidecar,
+    decode_payload,
+    encode_payload,
+    is_v2_sidecar,
+    lifecycle_state_of,
+    load_json,
+    parse_sidecar,
+)
+from .checkpoint_v1 import V1_ID_RE, info_from_v1, load_v1, parse_v1_sidecar
+from .durable_io import atomic_write, clean_stale_temps, fsync_dir, is_temp_name, publish, write_temp
+
+if TYPE_CHECKING:
+    from .state import ExtendedStateTensor
+
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CheckpointRecovery",
+    "CheckpointWriteError",
+    "RecoveryResult",
+    "SkippedCheckpoint",
+    "UnsafeCheckpointError",
+]
+
+_LAYER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_CHECKPOINT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+_SEED_ID_RE = re.compile(r"^(?P<layer>.+)_seed(?P<seed>\d+)_(?P<ms>\d+)_(?P<seq>\d+)$")
+_LAYER_CKPT_RE = re.compile(r"^(?P<layer>.+)_layer_(?P<ms>\d+)_(?P<seq>\d+)$")
+_PAYLOAD_EXTS = (".safetensors", ".pt")
+_RETAINED = ("low", "normal")  # priorities subject to retention
+_SETTLE_NS = 100_000_000  # a folder unchanged this long before a scan cannot hide a later change
+_INT32_MAX = 2**31 - 1
+_MAX_ID_ATTEMPTS = 1000
+
+SeedKey = tuple[str, str, int | None]  # (layer_id, kind, seed_id)
+
+
+# ---- ids ---------------------------------------------------------------------------------
+class _IdClock:
+    """Per-process (milliseconds, sequence) pairs, strictly increasing in that order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._seq = 0
+
+    def next(self) -> tuple[int, int]:
+        with self._lock:
+            self._last_ms = max(time.time_ns() // 1_000_000, self._last_ms)
+            self._seq += 1
+            return self._last_ms, self._seq
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+
+_CLOCK = _IdClock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_CLOCK.after_fork)
+
+
+def _make_id(layer_id: str, kind: str, seed_id: int | None, ms: int, seq: int) -> str:
+    return f"{layer_id}_seed{seed_id}_{ms}_{seq}" if kind == "seed" else f"{layer_id}_layer_{ms}_{seq}"
+
+
+def _parse_id(checkpoint_id: str) -> tuple[SeedKey, tuple[int, int]] | None:
+    """(key, (ms, seq)) of a checkpoint id, or None if it has none of the known forms."""
+    if match := _SEED_ID_RE.match(checkpoint_id):
+        return (match["layer"], "seed", int(match["seed"])), (int(match["ms"]), int(match["seq"]))
+    if match := _LAYER_CKPT_RE.match(checkpoint_id):
+        return (match["layer"], "layer", None), (int(match["ms"]), int(match["seq"]))
+    if match := V1_ID_RE.match(checkpoint_id):
+        return (match["layer"], "seed", int(match["seed"])), (int(match["ms"]), 0)
+    return None
+
+
+# ---- validation --------------------------------------------------------------------------
+def _check_layer_id(layer_id: Any) -> str:
+    if not isinstance(layer_id, str) or not _LAYER_ID_RE.match(layer_id):
+        raise ValueError(
+            f"layer_id {layer_id!r} is not allowed: use 1-128 characters from A-Z a-z 0-9 _ . - , "
+            "starting with a letter or digit (no path separators)"
+        )
+    return layer_id
+
+
+def _check_seed_id(seed_id: Any) -> int:
+    try:
+        if isinstance(seed_id, bool):
+            raise TypeError
+        value = operator.index(seed_id)
+    except TypeError:
+        raise TypeError(f"seed_id must be an integer, got {seed_id!r}") from None
+    if not 0 <= value <= _INT32_MAX:
+        raise ValueError(f"seed_id {value} is out of range 0..{_INT32_MAX}")
+    return value
+
+
+def _check_priority(priority: Any) -> str:
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority {priority!r} is not one of {', '.join(PRIORITIES)}")
+    return priority
+
+
+def _check_checkpoint_id(checkpoint_id: Any) -> str:
+    if not isinstance(checkpoint_id, str) or not _CHECKPOINT_ID_RE.match(checkpoint_id):
+        raise ValueError(f"checkpoint id {checkpoint_id!r} is not a valid checkpoint id (no path separators allowed)")
+    return checkpoint_id
+
+
+def _device(target_device: Any) -> torch.device | None:
+    if target_device is None:
+        return None
+    try:
+        return torch.device(target_device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"target_device {target_device!r} is not a device: {exc}") from None
+
+
+# ---- metadata index ----------------------------------------------------------------------
+class _SidecarIndex:
+    """Cached sidecars of one folder. ``refresh`` costs one ``stat`` while the folder is
+    unchanged; otherwise it lists the folder and parses only new or replaced sidecars
+    (compared by name and inode). Not thread-safe: the manager's lock guards it."""
+
+    def __init__(self, folder: Path, location: str) -> None:
+        self.folder = folder
+        self.location = location
+        self._entries: dict[str, tuple[CheckpointInfo, int]] = {}
+        self._by_key: dict[SeedKey, set[str]] = {}
+        self.unreadable: dict[str, tuple[int, str]] = {}
+        self._mtime_ns: int | None = None
+        self._settled = False
+
+    def refresh(self) -> None:
+        mtime = os.stat(self.folder).st_mtime_ns
+        if self._settled and mtime == self._mtime_ns:
+            return
+        started = time.time_ns()
+        seen = {e.name: e.inode() for e in os.scandir(self.folder) if e.name.endswith(".json") and not e.name.startswith(".")}
+        for checkpoint_id in [c for c in self._entries if f"{c}.json" not in seen]:
+            self.remove(checkpoint_id)
+        self.unreadable = {name: bad for name, bad in self.unreadable.items() if seen.get(name) == bad[0]}
+        for name, inode in seen.items():
+            current = self._entries.get(name[:-5])
+            if (current is not None and current[1] == inode) or name in self.unreadable:
+                continue
+            try:
+                self.add(self._read(self.folder / name), inode)
+            except CheckpointError as exc:
+                self.unreadable[name] = (inode, str(exc))
+            except FileNotFoundError:
+                continue
+        self._mtime_ns = mtime
+        self._settled = started - mtime > _SETTLE_NS
+
+    def _read(self, path: Path) -> CheckpointInfo:
+        body = load_json(path.read_bytes(), path)
+        if is_v2_sidecar(body):
+            return parse_sidecar(body, path, location=self.location, strict=False)
+        return parse_v1_sidecar(body, path, location=self.location)
+
+    def invalidate(self) -> None:
+        self._settled = False
+
+    def add(self, info: CheckpointInfo, inode: int) -> None:
+        self.remove(info.checkpoint_id)
+        self._entries[info.checkpoint_id] = (info, inode)
+        self._by_key.setdefault((info.layer_id, info.kind, info.seed_id), set()).add(info.checkpoint_id)
+
+    def remove(self, checkpoint_id: str) -> None:
+        entry = self._entries.pop(checkpoint_id, None)
+        if entry is not None:
+            info = entry[0]
+            self._by_key.get((info.layer_id, info.kind, info.seed_id), set()).discard(checkpoint_id)
+
+    def get(self, checkpoint_id: str) -> CheckpointInfo | None:
+        entry = self._entries.get(checkpoint_id)
+        return None if entry is None else entry[0]
+
+    def all(self) -> Iterable[CheckpointInfo]:
+        return (info for info, _ in self._entries.values())
+
+    def for_key(self, key: SeedKey) -> list[CheckpointInfo]:
+        return [self._entries[c][0] for c in self._by_key.get(key, ())]
+
+
+def _newest_first(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
+    return sorted(infos, key=lambda i: (i.sort_key, i.checkpoint_id), reverse=True)
+
+
+# ---- manager -----------------------------------------------------------------------------
+class CheckpointManager:
+    """Saves, lists, verifies, restores, retires and migrates checkpoints in one folder.
+
+    ``max_checkpoints_per_seed``: how many ``low``/``normal`` checkpoints per seed stay in
+    ``active/``; older ones are moved to ``archive/`` after each save. ``high`` and
+    ``critical`` ones always stay. ``durable=False`` skips fsyncs (unsafe on power loss).
+    Thread-safe; several processes may share one folder."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike[str], max_checkpoints_per_seed: int = 5, durable: bool = True) -> None:
+        if (
+            isinstance(max_checkpoints_per_seed, bool)
+            or not isinstance(max_checkpoints_per_seed, int)
+            or max_checkpoints_per_seed < 1
+        ):
+            raise ValueError(f"max_checkpoints_per_seed must be a positive integer, got {max_checkpoints_per_seed!r}")
+        if not isinstance(durable, bool):
+            raise TypeError(f"durable must be True or False, got {durable!r}")
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.max_checkpoints_per_seed = max_checkpoints_per_seed
+        self.durable = durable
+        self.active_dir = self.checkpoint_dir / "active"
+        self.archive_dir = self.checkpoint_dir / "archive"
+        self._make_folders()
+        self._lock = threading.RLock()
+        self._active = _SidecarIndex(self.active_dir, "active")
+        self._archive = _SidecarIndex(self.archive_dir, "archive")
+        self._numbers: dict[SeedKey, int] = {}
+        self.cleaned_temp_files = clean_stale_temps(self.active_dir) + clean_stale_temps(self.archive_dir)
+        self._finish_interrupted_moves()
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointManager({str(self.checkpoint_dir)!r}, "
+            f"max_checkpoints_per_seed={self.max_checkpoints_per_seed}, durable={self.durable})"
+        )
+
+    # -- saving ----------------------------------------------------------------------------
+    def save_checkpoint(
+        self,
+        layer_id: str,
+        seed_id: int,
+        state_data: Mapping[str, Any],
+        blueprint_state: Mapping[str, Any] | None = None,
+        priority: str = "normal",
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Save one seed's checkpoint durably and return its id.
+
+        ``state_data``: a dict of tensors and plain values (``lifecycle_state`` is
+        recorded in the sidecar when present); ``blueprint_state``: e.g. a blueprint's
+        ``state_dict()``; ``metadata``: free-form plain values. Tensors must not be
+        modified while the call runs. Raises ``ValueError``/``TypeError`` for bad input
+        (nothing written) and :class:`CheckpointWriteError` when the disk refuses (e.g.
+        ENOSPC): nothing of the failed save remains, earlier checkpoints are intact."""
+        layer_id = _check_layer_id(layer_id)
+        seed_id = _check_seed_id(seed_id)
+        priority = _check_priority(priority)
+        if not isinstance(state_data, Mapping):
+            raise TypeError(f"state_data must be a dict, got {type(state_data).__name__}")
+        if blueprint_state is not None and not isinstance(blueprint_state, Mapping):
+            raise TypeError(f"blueprint_state must be a dict (e.g. a state_dict()) or None, got {type(blueprint_state).__name__}")
+        lifecycle = lifecycle_state_of(state_data.get("lifecycle_state"))
+        payload = encode_payload({"state_data": state_data, "blueprint_state": blueprint_state, "metadata": dict(metadata or {})})
+        key = (layer_id, "seed", seed_id)
+        return self._commit(key, priority, lifecycle, payload, self._next_number(key)).checkpoint_id
+
+    def save_layer_state(
+        self,
+        layer_id: str,
+        state: ExtendedStateTensor,
+        blueprints: Mapping[str, torch.Tensor] | None = None,
+        priority: str = "normal",
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Save a whole layer (every seed's state plus the blueprint tensors) as one
+        checkpoint ``{layer}_layer_{ms}_{seq}`` and return its id: the way to checkpoint
+        a million seeds. Retention applies per layer as it does per seed."""
+        layer_id = _check_layer_id(layer_id)
+        priority = _check_priority(priority)
+        if not hasattr(state, "state_dict"):
+            raise TypeError(f"state must be an ExtendedStateTensor, got {type(state).__name__}")
+        blueprints = dict(blueprints or {})
+        for name, tensor in blueprints.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"blueprints[{name!r}] must be a tensor, got {type(tensor).__name__}")
+        payload = encode_payload({"state": dict(state.state_dict()), "blueprints": blueprints, "metadata": dict(metadata or {})})
+        key = (layer_id, "layer", None)
+        return self._commit(key, priority, None, payload, self._next_number(key)).checkpoint_id
+
+    def _commit(self, key: SeedKey, priority: str, lifecycle: int | None, payload: EncodedPayload, number: int) -> CheckpointInfo:
+        folder = self.active_dir
+        temps: list[Path] = []
+        linked: list[Path] = []
+        stage = "writing the payload"
+        try:
+            payload_temp, _ = write_temp(folder, "payload", payload.chunks, durable=self.durable)
+            temps.append(payload_temp)
+            for _ in range(_MAX_ID_ATTEMPTS):
+                ms, seq = _CLOCK.next()
+                checkpoint_id = _make_id(key[0], key[1], key[2], ms, seq)
+                info = CheckpointInfo(
+                    checkpoint_id=checkpoint_id,
+                    kind=key[1],
+                    layer_id=key[0],
+                    seed_id=key[2],
+                    number=number,
+                    created_ms=ms,
+                    seq=seq,
+                    timestamp=ms / 1000,
+                    priority=priority,
+                    lifecycle_state=lifecycle,
+                    payload_file=f"{checkpoint_id}.safetensors",
+                    payload_size=payload.size,
+                    sha256=payload.sha256,
+                    version=2,
+                )
+                stage = "writing the sidecar"
+                sidecar_temp, inode = write_temp(folder, "sidecar", [build_sidecar(info)], durable=self.durable)
+                temps.append(sidecar_temp)
+                stage = "publishing the checkpoint"
+                payload_final, sidecar_final = folder / info.payload_file, folder / f"{checkpoint_id}.json"
+                try:
+                    publish(payload_temp, payload_final, overwrite=False)
+                except FileExistsError:  # another process took this id: try the next one
+                    _remove_quietly([sidecar_temp])
+                    temps.remove(sidecar_temp)
+                    continue
+                temps.remove(payload_temp)
+                linked.append(payload_final)
+                try:
+                    publish(sidecar_temp, sidecar_final, overwrite=False)
+                except FileExistsError:  # a stray sidecar holds this id: take the payload back, try the next one
+                    os.replace(payload_final, payload_temp)
+                    linked.remove(payload_final)
+                    temps.append(payload_temp)
+                    _remove_quietly([sidecar_temp])
+                    temps.remove(sidecar_temp)
+                    continue
+                temps.remove(sidecar_temp)
+                linked.append(sidecar_final)
+                if self.durable:
+                    stage = "syncing the folder"
+                    fsync_dir(folder)
+                break
+            else:
+                raise CheckpointWriteError(f"could not find a free checkpoint id in {folder} after {_MAX_ID_ATTEMPTS} tries")
+        except OSError as exc:
+            _remove_quietly([*reversed(linked), *temps])
+            raise self._write_error(exc, stage, key) from exc
+        except BaseException:
+            _remove_quietly([*reversed(linked), *temps])
+            raise
+        with self._lock:
+            self._active.add(info, inode)
+            self._active.invalidate()
+        if priority in _RETAINED:
+            self._apply_retention(key)
+        return info
+
+    def _next_number(self, key: SeedKey) -> int:
+        with self._lock:
+            if key not in self._numbers:  # first save of this seed here: learn the numbers already on disk
+                self._active.refresh()
+            number = max([self._numbers.get(key, 0), *(i.number for i in self._active.for_key(key))]) + 1
+            if number > _INT32_MAX:
+                raise CheckpointError(f"layer {key[0]!r} seed {key[2]}: checkpoint numbers exhausted (int32)")
+            self._numbers[key] = number
+            return number
+
+    def _write_error(self, exc: OSError, stage: str, key: SeedKey) -> CheckpointWriteError:
+        what = f"layer {key[0]!r}" + (f" seed {key[2]}" if key[1] == "seed" else " (whole layer)")
+        if exc.errno in (_errno.ENOSPC, _errno.EDQUOT):
+            reason = "no space left on device" if exc.errno == _errno.ENOSPC else "disk quota exceeded"
+        else:
+            reason = exc.strerror or str(exc)
+        return CheckpointWriteError(
+            f"cannot save the checkpoint of {what}: {reason} while {stage} in {self.active_dir}; "
+            "nothing of this save was kept and earlier checkpoints are intact",
+            exc.errno,
+        )
+
+    # -- retention, deletion ---------------------------------------------------------------
+    def _apply_retention(self, key: SeedKey) -> None:
+        with self._lock:
+            candidates = [i for i in self._active.for_key(key) if i.priority in _RETAINED and i.version == 2]
+            victims = _newest_first(candidates)[self.max_checkpoints_per_seed :]
+        for info in victims:
+            try:
+                self._move(info.checkpoint_id, info.payload_file, self.active_dir, self.archive_dir)
+            except OSError as exc:  # the save itself succeeded; retention retries next time
+                warnings.warn(f"retention could not archive {info.checkpoint_id}: {exc}", RuntimeWarning, stacklevel=3)
+
+    def _move(self, checkpoint_id: str, payload_file: str, source: Path, target: Path) -> None:
+        """Move a checkpoint, sidecar first (it leaves ``source`` atomically), then payload."""
+        for name in (f"{checkpoint_id}.json", payload_file):
+            try:
+                os.replace(source / name, target / name)
+            except FileNotFoundError:
+                continue  # moved or deleted by someone else meanwhile
+        with self._lock:
+            (self._active if source == self.active_dir else self._archive).remove(checkpoint_id)
+            self._active.invalidate()
+            self._archive.invalidate()
+
+    def delete_checkpoint(self, checkpoint_id: str, archive: bool = True) -> None:
+        """Retire a checkpoint: move it to ``archive/`` (default) or, with
+        ``archive=False``, delete its files (from ``archive/`` too). Works on damaged
+        checkpoints too (it goes by file name)."""
+        checkpoint_id = _check_checkpoint_id(checkpoint_id)
+        names = [f"{checkpoint_id}.json", *(f"{checkpoint_id}{ext}" for ext in _PAYLOAD_EXTS)]
+        folders = [self.active_dir] if archive else [self.active_dir, self.archive_dir]
+        found = [folder for folder in folders if any((folder / n).exists() for n in names)]
+        if not found:
+            where = "active/" if archive else "active/ or archive/"
+            raise CheckpointNotFoundError(f"no checkpoint {checkpoint_id!r} in {where} of {self.checkpoint_dir}")
+        try:
+            if archive:
+                payload = next((n for n in names[1:] if (self.active_dir / n).exists()), names[1])
+                self._move(checkpoint_id, payload, self.active_dir, self.archive_dir)
+            else:
+                for folder in found:
+                    _remove_quietly([folder / n for n in names])
+            if self.durable:
+                for folder in {*found, self.archive_dir} if archive else found:
+                    fsync_dir(folder)
+        except OSError as exc:
+            raise CheckpointWriteError(f"cannot delete checkpoint {checkpoint_id!r}: {exc}", exc.errno) from exc
+        with self._lock:
+            self._active.remove(checkpoint_id)
+            self._archive.remove(checkpoint_id)
+            self._active.invalidate()
+            self._archive.invalidate()
+
+    # -- listing ---------------------------------------------------------------------------
+    def list_checkpoints(
+        self,
+        layer_id: str | None = None,
+        seed_id: int | None = None,
+        lifecycle_state: int | str | None = None,
+        limit: int | None = 100,
+    ) -> list[CheckpointInfo]:
+        """Checkpoints in ``active/``, newest first (by parsed time and sequence), filtered
+        by layer, seed and lifecycle state; at most ``limit`` (None: all). With a seed id
+        only seed checkpoints are listed; without one, whole-layer checkpoints too."""
+        if layer_id is not None:
+            _check_layer_id(layer_id)
+        if seed_id is not None:
+            seed_id = _check_seed_id(seed_id)
+        state = lifecycle_state_of(lifecycle_state)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        with self._lock:
+            self._active.refresh()
+            if layer_id is not None and seed_id is not None:
+                infos: Iterable[CheckpointInfo] = self._active.for_key((layer_id, "seed", seed_id))
+            else:
+                infos = self._active.all()
+            found = [
+                i
+                for i in infos
+                if (layer_id is None or i.layer_id == layer_id)
+                and (seed_id is None or i.seed_id == seed_id)
+                and (state is None or i.lifecycle_state == state)
+            ]
+        return _newest_first(found)[:limit]
+
+    def get_latest_checkpoint(self, layer_id: str, seed_id: int) -> CheckpointInfo | None:
+        """The newest listed checkpoint of a seed, or None."""
+        found = self.list_checkpoints(layer_id, _check_seed_id(seed_id), limit=1)
+        return found[0] if found else None
+
+    def get_checkpoint_count(self, layer_id: str | None = None, seed_id: int | None = None) -> int:
+        """How many checkpoints are in ``active/`` (optionally of one layer / seed)."""
+        return len(self.list_checkpoints(layer_id, seed_id, limit=None))
+
+    def get_checkpoint_by_number(self, layer_id: str, seed_id: int, number: int) -> CheckpointInfo | None:
+        """The checkpoint whose ``number`` (the value in CHECKPOINT_ID) is ``number`` for
+        this seed, looked up in ``active/`` and then ``archive/``; None if there is none."""
+        key = (_check_layer_id(layer_id), "seed", _check_seed_id(seed_id))
+        number = operator.index(number)
+        with self._lock:
+            for index in (self._active, self._archive):
+                index.refresh()
+                matches = [i for i in index.for_key(key) if i.number == number]
+                if matches:
+                    return _newest_first(matches)[0]
+        return None
+
+    # -- reading ---------------------------------------------------------------------------
+    def restore_checkpoint(self, checkpoint_id: str, target_device: str | torch.device | None = None) -> dict[str, Any]:
+        """Load a checkpoint (from ``active/`` or ``archive/``) after checking it.
+
+        Returns ``{version: 2, checkpoint_id, layer_id, seed_id, number, timestamp,
+        priority, lifecycle_state, state_data, blueprint_state, metadata,
+        source_version}`` with every tensor on ``target_device`` (CPU by default). v1 files
+        come back migrated to this form. Raises :class:`CheckpointNotFoundError`,
+        :class:`CheckpointCorruptError` (naming the damaged file) or
+        :class:`UnsafeCheckpointError`."""
+        checkpoint_id = _check_checkpoint_id(checkpoint_id)
+        device = _device(target_device)
+        try:
+            return self._load(self._locate(checkpoint_id), checkpoint_id, device)
+        except CheckpointCorruptError:
+            if (self.archive_dir / f"{checkpoint_id}.json").exists():  # archived while we read it
+                return self._load(self.archive_dir, checkpoint_id, device)
+            raise
+
+    def verify(self, checkpoint_id: str) -> CheckpointInfo:
+        """Check a checkpoint completely (sidecar checksum, payload size, sha256, header;
+        for v1 a weights-only load) and return its info; raise
+        :class:`CheckpointCorruptError` naming the file and the problem otherwise."""
+        checkpoint_id = _check_checkpoint_id(checkpoint_id)
+        return self._load(self._locate(checkpoint_id), checkpoint_id, None, decode=False)
+
+    def _locate(self, checkpoint_id: str) -> Path:
+        for folder in (self.active_dir, self.archive_dir):
+            if any((folder / f"{checkpoint_id}{ext}").exists() for ext in (".json", *_PAYLOAD_EXTS)):
+                return folder
+        raise CheckpointNotFoundError(f"no checkpoint {checkpoint_id!r} in {self.checkpoint_dir}")
+
+    def _load(self, folder: Path, checkpoint_id: str, device: torch.device | None, decode: bool = True) -> Any:
+        sidecar = folder / f"{checkpoint_id}.json"
+        try:
+            raw = sidecar.read_bytes()
+        except FileNotFoundError:
+            orphan = next(
+                (folder / f"{checkpoint_id}{e}" for e in _PAYLOAD_EXTS if (folder / f"{checkpoint_id}{e}").exists()), None
+            )
+            if orphan is None:
+                raise CheckpointNotFoundError(f"no checkpoint {checkpoint_id!r} in {folder}") from None
+            raise CheckpointCorruptError(
+                f"payload {orphan} has no sidecar {sidecar.name} (an unfinished save or a deleted sidecar)", orphan
+            ) from None
+        location = "archive" if folder == self.archive_dir else "active"
+        body = load_json(raw, sidecar)
+        if not is_v2_sidecar(body):
+            return self._load_v1(folder, sidecar, body, location, device, decode)
+        info = parse_sidecar(body, sidecar, location=location, strict=True)
+        buffer = _read_payload(folder / info.payload_file, info, sidecar)
+        sections = decode_payload(buffer, folder / info.payload_file, device)
+        if not decode:
+            return info
+        return _result(info, sections, source_version=2)
+
+    def _load_v1(
+        self, folder: Path, sidecar: Path, body: dict[str, Any], location: str, device: torch.device | None, decode: bool
+    ) -> Any:
+        info = parse_v1_sidecar(body, sidecar, location=location)
+        payload = folder / info.payload_file
+        try:
+            size = payload.stat().st_size
+            data = load_v1(payload)
+        except FileNotFoundError:
+            raise CheckpointCorruptError(f"sidecar {sidecar} has no payload: {payload} is missing", sidecar) from None
+        if info.payload_size and size != info.payload_size:
+            raise CheckpointCorruptError(
+                f"payload {payload} is {size} bytes but its sidecar says {info.payload_size} (truncated or damaged)", payload
+            )
+        if str(data.get("layer_id")) != info.layer_id or _int_or_none(data.get("seed_id")) != info.seed_id:
+            raise CheckpointCorruptError(f"payload {payload} belongs to another checkpoint than its sidecar {sidecar}", payload)
+        if not decode:
+            return info
+        sections = {k: _to_device(data.get(k), device) for k in ("state_data", "blueprint_state", "metadata")}
+        return _result(info, sections, source_version=1)
+
+    # -- whole layer -----------------------------------------------------------------------
+    def restore_layer_state(
+        self,
+        layer_id: str,
+        checkpoint_id: str | None = None,
+        state: ExtendedStateTensor | None = None,
+        target_device: str | torch.device | None = None,
+    ) -> tuple[ExtendedStateTensor, dict[str, torch.Tensor]]:
+        """Load a whole-layer checkpoint (the newest of ``layer_id`` unless
+        ``checkpoint_id`` is given). With ``state``, its buffers are filled in place (on
+        its device) and it is returned; otherwise a new :class:`ExtendedStateTensor` is
+        built on ``target_device``. Returns ``(state, blueprints)``."""
+        from .state import ExtendedStateTensor
+
+        layer_id = _check_layer_id(layer_id)
+        if checkpoint_id is None:
+            with self._lock:
+                self._active.refresh()
+                newest = _newest_first(self._active.for_key((layer_id, "layer", None)))
+            if not newest:
+                raise CheckpointNotFoundError(f"no whole-layer checkpoint of layer {layer_id!r} in {self.active_dir}")
+            checkpoint_id = newest[0].checkpoint_id
+        loaded = self.restore_checkpoint(checkpoint_id, target_device)
+        if loaded.get("kind") != "layer" or loaded["layer_id"] != layer_id:
+            raise ValueError(f"checkpoint {checkpoint_id!r} is not a whole-layer checkpoint of layer {layer_id!r}")
+        return _fill_state(loaded["state"], state, ExtendedStateTensor, target_device), loaded["blueprints"]
+
+    # -- migration -------------------------------------------------------------------------
+    def migrate(self, path: str | os.PathLike[str]) -> str:
+        """Rewrite a v1 ``.pt`` checkpoint (in this manager's ``active/`` or ``archive/``)
+        as v2 files, atomically, keeping ``<id>.pt.bak`` (and ``<id>.json.bak``). The
+        checkpoint keeps its id. Returns the id. A file whose pickle would run code is
+        refused (:class:`UnsafeCheckpointError`) and nothing is written."""
+        path = Path(path)
+        folder = path.resolve().parent
+        if path.suffix != ".pt" or folder not in (self.active_dir.resolve(), self.archive_dir.resolve()):
+            raise ValueError(f"{path} is not a v1 .pt file in {self.active_dir} or {self.archive_dir}")
+        checkpoint_id = _check_checkpoint_id(path.stem)
+        sidecar = folder / f"{checkpoint_id}.json"
+        location = "archive" if folder == self.archive_dir.resolve() else "active"
+        try:
+            with self._lock:
+                body = load_json(sidecar.read_bytes(), sidecar) if sidecar.exists() else None
+                if body is not None and is_v2_sidecar(body):  # migrated before; finish the clean-up
+                    self._backup(path, path.with_name(path.name + ".bak"))
+                    os.unlink(path)
+                    return checkpoint_id
+                if not path.exists():
+                    raise CheckpointNotFoundError(f"no v1 checkpoint {path}")
+                data = load_v1(path)
+                fields = body if body is not None else data
+                try:
+                    info = info_from_v1(fields, checkpoint_id, location, file_size=path.stat().st_size)
+                    _check_layer_id(info.layer_id)
+                    payload = encode_payload(
+                        {
+                            k: data.get(k) if k != "metadata" else dict(data.get(k) or {})
+                            for k in ("state_data", "blueprint_state", "metadata")
+                        }
+                    )
+                except (ValueError, TypeError, KeyError) as exc:
+                    raise CheckpointError(f"cannot migrate {path}: {exc}") from None
+                info = replace(
+                    info, version=2, payload_file=f"{checkpoint_id}.safetensors", payload_size=payload.size, sha256=payload.sha256
+                )
+                self._backup(path, path.with_name(path.name + ".bak"))
+                if body is not None:
+                    self._backup(sidecar, sidecar.with_name(sidecar.name + ".bak"))
+                atomic_write(folder / info.payload_file, payload.chunks, durable=self.durable)
+                atomic_write(sidecar, build_sidecar(info), durable=self.durable)  # the commit point
+                os.unlink(path)
+                if self.durable:
+                    fsync_dir(folder)
+                self._active.invalidate()
+                self._archive.invalidate()
+        except OSError as exc:
+            raise CheckpointWriteError(f"cannot migrate {path}: {exc}", exc.errno) from exc
+        return checkpoint_id
+
+    def _backup(self, source: Path, backup: Path) -> None:
+        if not backup.exists():
+            atomic_write(backup, source.read_bytes(), durable=self.durable)
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def _make_folders(self) -> None:
+        created = False
+        for folder in (self.checkpoint_dir, self.active_dir, self.archive_dir):
+            if not folder.is_dir():
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except FileExistsError:
+                    raise NotADirectoryError(f"checkpoint folder {folder} exists and is not a folder") from None
+                created = True
+        if created and self.durable:
+            fsync_dir(self.checkpoint_dir)
+            fsync_dir(self.checkpoint_dir.parent)
+
+    def _finish_interrupted_moves(self) -> None:
+        """Complete moves to ``archive/`` cut short by a crash (sidecar and payload in
+        different folders). Only names of checkpoints are touched."""
+        active = {e.name for e in os.scandir(self.active_dir)}
+        archived = {e.name for e in os.scandir(self.archive_dir)}
+        for name in archived:
+            if name.endswith(".json") and not is_temp_name(name):
+                for ext in _PAYLOAD_EXTS:
+                    payload = name[:-5] + ext
+                    if payload in active and payload not in archived:
+                        os.replace(self.active_dir / payload, self.archive_dir / payload)
+        for name in active:
+            if name.endswith(".json") and not is_temp_name(name):
+                for ext in _PAYLOAD_EXTS:
+                    payload = name[:-5] + ext
+                    if payload in archived and payload not in active:
+                        os.replace(self.active_dir / name, self.archive_dir / name)
+
+    def candidates(self, key: SeedKey) -> list[tuple[str, Path]]:
+        """Every checkpoint id of ``key`` that has any file in ``active/`` or ``archive/``
+        (damaged ones included), newest first: what recovery walks through."""
+        found: dict[str, tuple[tuple[int, int], int, Path]] = {}
+        for rank, folder in enumerate((self.active_dir, self.archive_dir)):
+            for entry in os.scandir(folder):
+                stem, ext = os.path.splitext(entry.name)
+                if ext not in (".json", *_PAYLOAD_EXTS) or is_temp_name(entry.name) or stem in found:
+                    continue
+                parsed = _parse_id(stem)
+                if parsed is not None and parsed[0] == key:
+                    found[stem] = (parsed[1], -rank, folder)
+        ordered = sorted(found.items(), key=lambda item: (item[1][0], item[1][1], item[0]), reverse=True)
+        return [(checkpoint_id, folder) for checkpoint_id, (_, _, folder) in ordered]
+
+    def load_from(self, folder: Path, checkpoint_id: str, target_device: str | torch.device | None = None) -> dict[str, Any]:
+        """Restore ``checkpoint_id`` from exactly ``folder`` (``active_dir`` or ``archive_dir``)."""
+        return self._load(folder, _check_checkpoint_id(checkpoint_id), _device(target_device))
+
+
+# ---- helpers -----------------------------------------------------------------------------
+def _read_payload(path: Path, info: CheckpointInfo, sidecar: Path) -> torch.Tensor:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"sidecar {sidecar} has no payload: {path} is missing", sidecar) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != info.payload_size:
+            raise CheckpointCorruptError(
+                f"payload {path} is {size} bytes but its sidecar says {info.payload_size} (truncated or damaged)", path
+            )
+        buffer = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < size:
+            count = os.readv(fd, [view[done:]])
+            if count == 0:
+                raise CheckpointCorruptError(f"payload {path} ended early (truncated while reading)", path)
+            done += count
+    finally:
+        os.close(fd)
+    if hashlib.sha256(view).hexdigest() != info.sha256:
+        raise CheckpointCorruptError(f"payload {path} fails its sha256 check (bit flip or overwritten data)", path)
+    return buffer
+
+
+def _result(info: CheckpointInfo, sections: Mapping[str, Any], *, source_version: int) -> dict[str, Any]:
+    result = {
+        "version": 2,
+        "checkpoint_id": info.checkpoint_id,
+        "kind": info.kind,
+        "layer_id": info.layer_id,
+        "seed_id": info.seed_id,
+        "number": info.number,
+        "timestamp": info.timestamp,
+        "priority": info.priority,
+        "lifecycle_state": info.lifecycle_state,
+        "source_version": source_version,
+    }
+    result.update(sections)
+    return result
+
+
+def _to_device(value: Any, device: torch.device | None) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value if device is None else value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _fill_state(state_dict: Mapping[str, torch.Tensor], state: Any, cls: type, target_device: Any) -> Any:
+    if state is None:
+        num_seeds = int(state_dict["state"].shape[0])
+        state = cls(num_seeds, device=_device(target_device) or "cpu")
+    state.load_state_dict(dict(state_dict))
+    return state
+
+
+def _remove_quietly(paths: Iterable[Path]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # keep going: the caller is already reporting a failure
+            warnings.warn(f"could not remove {path}: {exc}", RuntimeWarning, stacklevel=3)
+
+
+# ---- recovery ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SkippedCheckpoint:
+    """A newer checkpoint that recovery could not use, and why."""
+
+    checkpoint_id: str
+    location: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecoveryResult:
+    """The newest checkpoint that verified (``checkpoint`` is what
+    :meth:`CheckpointManager.restore_checkpoint` returns) and the newer ones skipped."""
+
+    checkpoint_id: str
+    location: str
+    checkpoint: dict[str, Any]
+    skipped: tuple[SkippedCheckpoint, ...]
+
+
+class CheckpointRecovery:
+    """Finds the newest usable checkpoint of a seed (or layer), skipping damaged ones."""
+
+    def __init__(self, manager: CheckpointManager) -> None:
+        if not isinstance(manager, CheckpointManager):
+            raise TypeError(f"CheckpointRecovery needs a CheckpointManager, got {type(manager).__name__}")
+        self.manager = manager
+
+    def recover_seed_state(self, layer_id: str, seed_id: int, target_device: str | torch.device | None = None) -> RecoveryResult:
+        """Walk the seed's checkpoints newest first (``active/``, then ``archive/``;
+        damaged and unfinished ones included) and return the first that verifies. Raises
+        :class:`CheckpointNotFoundError` (with ``.skipped``) when none does."""
+        return self._recover((_check_layer_id(layer_id), "seed", _check_seed_id(seed_id)), target_device)
+
+    def recover_layer_state(self, layer_id: str, target_device: str | torch.device | None = None) -> RecoveryResult:
+        """As :meth:`recover_seed_state`, for whole-layer checkpoints; feed the result's
+        ``checkpoint_id`` to :meth:`CheckpointManager.restore_layer_state`."""
+        return self._recover((_check_layer_id(layer_id), "layer", None), target_device)
+
+    def _recover(self, key: SeedKey, target_device: Any) -> RecoveryResult:
+        device = _device(target_device)
+        skipped: list[SkippedCheckpoint] = []
+        manager = self.manager
+        for checkpoint_id, folder in manager.candidates(key):
+            location = "archive" if folder == manager.archive_dir else "active"
+            try:
+                checkpoint = manager.load_from(folder, checkpoint_id, device)
+            except (CheckpointCorruptError, UnsafeCheckpointError, CheckpointNotFoundError) as exc:
+                skipped.append(SkippedCheckpoint(checkpoint_id, location, str(exc)))
+                continue
+            return RecoveryResult(checkpoint_id, location, checkpoint, tuple(skipped))
+        what = f"layer {key[0]!r}" + (f" seed {key[2]}" if key[1] == "seed" else " (whole layer)")
+        error = CheckpointNotFoundError(
+            f"no usable checkpoint of {what} in {manager.checkpoint_dir}"
+            + (f"; skipped {len(skipped)}: " + "; ".join(f"{s.checkpoint_id}: {s.reason}" for s in skipped) if skipped else "")
+        )
+        error.skipped = tuple(skipped)  # type: ignore[attr-defined]
+        raise error

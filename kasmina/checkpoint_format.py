@@ -1,0 +1,385 @@
+"""The v2 checkpoint format: a safetensors payload plus a JSON sidecar.
+
+**Payload** (``<id>.safetensors``): a standard safetensors file. Every tensor found in the
+checkpoint's sections (``state_data``, ``blueprint_state``, ``metadata``, or a layer's
+``state`` and ``blueprints``) is one safetensors entry named by its path
+(``state_data/history``); everything else (ints, floats, strings, bools, None, lists,
+nested dicts with string keys) is kept in the header's ``__metadata__`` as a JSON
+*structure* in which each tensor is ``{"__tensor__": name}``. No pickle anywhere: loading
+parses JSON and copies bytes, nothing else. Tuples come back as lists and ``IntEnum``
+values as plain ints. The file is written and read here (one pass, no extra copy, the
+sha256 computed over the same buffers) and stays readable by the ``safetensors`` library.
+
+**Sidecar** (``<id>.json``): version 2, ids, kind, priority, lifecycle state, creation
+time, payload file, size and sha256, plus ``sidecar_sha256`` over its own canonical JSON,
+so a garbled sidecar is detected even when it still parses.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._generated.lifecycle_tables import NUM_STATES, STATE_NAMES
+from .checkpoint_errors import CheckpointCorruptError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PRIORITIES",
+    "SIDECAR_FORMAT",
+    "CheckpointInfo",
+    "EncodedPayload",
+    "build_sidecar",
+    "decode_payload",
+    "encode_payload",
+    "is_v2_sidecar",
+    "lifecycle_state_of",
+    "load_json",
+    "parse_sidecar",
+]
+
+FORMAT_VERSION = 2
+SIDECAR_FORMAT = "kasmina-checkpoint"
+PAYLOAD_FORMAT = "kasmina-checkpoint-payload/2"
+PRIORITIES = ("low", "normal", "high", "critical")
+KINDS = ("seed", "layer")
+_TENSOR_TAG = "__tensor__"
+_MAX_HEADER = 100 * 1024 * 1024
+
+_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+):
+    if hasattr(torch, _name):
+        _DTYPES[getattr(torch, _name)] = _code
+_CODES = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a sidecar says about one checkpoint (what ``list_checkpoints`` returns).
+
+    ``number`` is the checkpoint's per-(layer, seed) sequence number, starting at 1: the
+    stable integer stored in a seed's CHECKPOINT_ID column (0 means none). ``timestamp``
+    is the creation time in seconds since the epoch; ``location`` is ``active`` or
+    ``archive``; ``sha256`` is None for v1 files, which carry no checksum."""
+
+    checkpoint_id: str
+    kind: str
+    layer_id: str
+    seed_id: int | None
+    number: int
+    created_ms: int
+    seq: int
+    timestamp: float
+    priority: str
+    lifecycle_state: int | None
+    payload_file: str
+    payload_size: int
+    sha256: str | None
+    version: int
+    location: str = "active"
+
+    @property
+    def lifecycle_state_name(self) -> str | None:
+        return None if self.lifecycle_state is None else STATE_NAMES[self.lifecycle_state]
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Newest-first ordering uses this parsed (milliseconds, sequence) pair."""
+        return (self.created_ms, self.seq)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lifecycle_state_of(value: Any) -> int | None:
+    """The lifecycle state id held in ``state_data['lifecycle_state']``: an int, an
+    :class:`ExtendedLifecycle`, a state name or a one-element integer tensor; None when
+    absent. Raises ``ValueError`` naming the value for anything else."""
+    if value is None:
+        return None
+    state = value
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex():
+            raise ValueError(
+                f"lifecycle_state must be a one-element integer tensor, got shape {tuple(value.shape)} {value.dtype}"
+            )
+        state = int(value.item())
+    elif isinstance(value, str):
+        if value.upper() not in STATE_NAMES:
+            raise ValueError(f"lifecycle_state {value!r} is not a state name ({', '.join(STATE_NAMES)})")
+        state = STATE_NAMES.index(value.upper())
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"lifecycle_state must be an int, a state name or a tensor, got {value!r}")
+    if not 0 <= state < NUM_STATES:
+        raise ValueError(f"lifecycle_state {value!r} is out of range 0..{NUM_STATES - 1}")
+    return int(state)
+
+
+# ---- payload ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncodedPayload:
+    """A payload ready to write: ``chunks`` in file order, total ``size`` and ``sha256``."""
+
+    chunks: tuple[memoryview | bytes, ...]
+    size: int
+    sha256: str
+
+
+def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:
+    """Encode ``{section name: value}`` as one safetensors payload. Raises ``TypeError`` /
+    ``ValueError`` naming the path of a value that cannot be stored."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = {name: _encode_value(value, name, tensors) for name, value in sections.items()}
+    metadata = {"format": PAYLOAD_FORMAT, "structure": json.dumps(structure, separators=(",", ":"))}
+
+    ordered = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0]))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    views: list[memoryview] = []
+    offset = 0
+    for name, tensor in ordered:
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        if nbytes:
+            views.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    chunks: tuple[memoryview | bytes, ...] = (struct.pack("<Q", len(header_bytes)) + header_bytes, *views)
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return EncodedPayload(chunks, 8 + len(header_bytes) + offset, digest.hexdigest())
+
+
+def _encode_value(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return {_TENSOR_TAG: _add_tensor(value, path, tensors)}
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"checkpoint value {path!r}: dict keys must be strings, got {key!r} ({type(key).__name__})")
+            if key == _TENSOR_TAG:
+                raise ValueError(f"checkpoint value {path!r}: the key {_TENSOR_TAG!r} is reserved")
+            out[key] = _encode_value(item, f"{path}/{key}", tensors)
+        return out
+    if isinstance(value, list | tuple):
+        return [_encode_value(item, f"{path}/{i}", tensors) for i, item in enumerate(value)]
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value  # NaN and infinities round-trip through Python's JSON
+    raise TypeError(
+        f"checkpoint value {path!r} has type {type(value).__name__}; only tensors, dicts with string keys, "
+        "lists, tuples, str, int, float, bool and None can be stored"
+    )
+
+
+def _add_tensor(tensor: torch.Tensor, path: str, tensors: dict[str, torch.Tensor]) -> str:
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+        raise TypeError(f"checkpoint tensor {path!r}: only dense tensors can be stored, got layout {tensor.layout}")
+    if tensor.dtype not in _DTYPES:
+        raise TypeError(f"checkpoint tensor {path!r}: dtype {tensor.dtype} is not supported by safetensors")
+    if tensor.device.type == "meta":
+        raise ValueError(f"checkpoint tensor {path!r} is on the meta device and has no data")
+    name = path
+    suffix = 1
+    while name in tensors:
+        name = f"{path}#{suffix}"
+        suffix += 1
+    tensors[name] = tensor.detach().to("cpu").contiguous()
+    return name
+
+
+def decode_payload(buffer: torch.Tensor, path: Path, device: torch.device | str | None = None) -> dict[str, Any]:
+    """Decode a payload held in the uint8 tensor ``buffer`` back into its sections.
+    Tensors are views of ``buffer`` on CPU, or copies on ``device``. Any inconsistency
+    raises :class:`CheckpointCorruptError` naming ``path``."""
+    tensors, metadata = _parse_safetensors(buffer, path)
+    if metadata.get("format") != PAYLOAD_FORMAT:
+        raise CheckpointCorruptError(f"payload {path} is not a Kasmina v2 payload (format {metadata.get('format')!r})", path)
+    try:
+        structure = json.loads(metadata["structure"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointCorruptError(f"payload {path}: its structure metadata is missing or not JSON ({exc})", path) from None
+    target = None if device is None else torch.device(device)
+    if target is not None and target.type != "cpu":
+        tensors = {name: t.to(target) for name, t in tensors.items()}
+    if not isinstance(structure, dict):
+        raise CheckpointCorruptError(f"payload {path}: its structure is not an object", path)
+    return {name: _decode_value(value, tensors, path) for name, value in structure.items()}
+
+
+def _decode_value(value: Any, tensors: Mapping[str, torch.Tensor], path: Path) -> Any:
+    if isinstance(value, dict):
+        if _TENSOR_TAG in value:
+            name = value[_TENSOR_TAG]
+            if name not in tensors:
+                raise CheckpointCorruptError(f"payload {path}: structure names tensor {name!r}, which is not in the file", path)
+            return tensors[name]
+        return {key: _decode_value(item, tensors, path) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_decode_value(item, tensors, path) for item in value]
+    return value
+
+
+def _parse_safetensors(buffer: torch.Tensor, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    total = buffer.numel()
+    raw = memoryview(buffer.numpy())
+    if total < 8:
+        raise CheckpointCorruptError(f"payload {path} is truncated ({total} bytes)", path)
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    if header_len > min(total - 8, _MAX_HEADER):
+        raise CheckpointCorruptError(f"payload {path}: header length {header_len} exceeds the file ({total} bytes)", path)
+    try:
+        header = json.loads(bytes(raw[8 : 8 + header_len]))
+    except ValueError as exc:
+        raise CheckpointCorruptError(f"payload {path}: header is not JSON ({exc})", path) from None
+    if not isinstance(header, dict):
+        raise CheckpointCorruptError(f"payload {path}: header is not an object", path)
+    metadata = header.pop("__metadata__", {}) or {}
+    start = 8 + header_len
+    spans = []
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        try:
+            dtype = _CODES[entry["dtype"]]
+            shape = [int(d) for d in entry["shape"]]
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointCorruptError(f"payload {path}: bad header entry {name!r} ({exc!r})", path) from None
+        itemsize = dtype.itemsize
+        if min(shape, default=0) < 0 or end - begin != math.prod(shape) * itemsize or begin < 0 or start + end > total:
+            raise CheckpointCorruptError(f"payload {path}: tensor {name!r} has inconsistent shape/offsets", path)
+        spans.append((begin, end))
+        data = buffer[start + begin : start + end]
+        if (start + begin) % itemsize:  # misaligned: copy instead of viewing
+            data = data.clone()
+        tensors[name] = data.view(dtype).reshape(shape)
+    spans.sort()
+    covered = 0
+    for begin, end in spans:
+        if begin != covered:
+            raise CheckpointCorruptError(f"payload {path}: tensor data overlaps or leaves gaps", path)
+        covered = end
+    if start + covered != total:
+        raise CheckpointCorruptError(f"payload {path}: {total - start - covered} unexpected bytes after the tensor data", path)
+    return tensors, metadata
+
+
+# ---- sidecar ---------------------------------------------------------------------------
+def build_sidecar(info: CheckpointInfo) -> bytes:
+    """The sidecar JSON of ``info`` (location is not stored: it is where the file is)."""
+    body = info.to_dict()
+    del body["location"]
+    body["format"] = SIDECAR_FORMAT
+    body["created_utc"] = _dt.datetime.fromtimestamp(info.timestamp, _dt.timezone.utc).isoformat(timespec="milliseconds")
+    body["lifecycle_state_name"] = info.lifecycle_state_name
+    body["sidecar_sha256"] = _canonical_sha(body)
+    return json.dumps(body, sort_keys=True, indent=1).encode()
+
+
+def load_json(raw: bytes, path: Path) -> dict[str, Any]:
+    """A sidecar's JSON object; :class:`CheckpointCorruptError` naming ``path`` if garbled."""
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointCorruptError(f"sidecar {path} is garbled: not JSON ({exc})", path) from None
+    if not isinstance(body, dict):
+        raise CheckpointCorruptError(f"sidecar {path} is garbled: not a JSON object", path)
+    return body
+
+
+def is_v2_sidecar(body: Mapping[str, Any]) -> bool:
+    return body.get("format") == SIDECAR_FORMAT
+
+
+def parse_sidecar(body: dict[str, Any], path: Path, *, location: str, strict: bool) -> CheckpointInfo:
+    """Parse a v2 sidecar's JSON object. ``strict`` also checks its own checksum.
+    Anything wrong raises :class:`CheckpointCorruptError` naming ``path``."""
+    if not is_v2_sidecar(body):
+        raise CheckpointCorruptError(f"sidecar {path} is garbled: not a Kasmina checkpoint sidecar", path)
+    body = dict(body)
+    if strict:
+        claimed = body.pop("sidecar_sha256", None)
+        if claimed != _canonical_sha(body):
+            raise CheckpointCorruptError(f"sidecar {path} is garbled: its sidecar_sha256 does not match its content", path)
+    try:
+        info = CheckpointInfo(
+            checkpoint_id=_typed(body, "checkpoint_id", str),
+            kind=_typed(body, "kind", str),
+            layer_id=_typed(body, "layer_id", str),
+            seed_id=_typed(body, "seed_id", int, optional=True),
+            number=_typed(body, "number", int),
+            created_ms=_typed(body, "created_ms", int),
+            seq=_typed(body, "seq", int),
+            timestamp=float(_typed(body, "timestamp", (int, float))),
+            priority=_typed(body, "priority", str),
+            lifecycle_state=_typed(body, "lifecycle_state", int, optional=True),
+            payload_file=_typed(body, "payload_file", str),
+            payload_size=_typed(body, "payload_size", int),
+            sha256=_typed(body, "sha256", str),
+            version=_typed(body, "version", int),
+            location=location,
+        )
+    except (KeyError, TypeError) as exc:
+        raise CheckpointCorruptError(f"sidecar {path} is garbled: {exc.args[0]}", path) from None
+    problem = _semantic_problem(info, path)
+    if problem:
+        raise CheckpointCorruptError(f"sidecar {path} is garbled: {problem}", path)
+    return info
+
+
+def _semantic_problem(info: CheckpointInfo, path: Path) -> str | None:
+    if info.version != FORMAT_VERSION:
+        return f"version {info.version} (expected {FORMAT_VERSION})"
+    if path.name != f"{info.checkpoint_id}.json":
+        return f"it describes checkpoint {info.checkpoint_id!r}, not the one its name says"
+    if info.kind not in KINDS or info.priority not in PRIORITIES:
+        return f"kind {info.kind!r} / priority {info.priority!r} unknown"
+    if info.lifecycle_state is not None and not 0 <= info.lifecycle_state < NUM_STATES:
+        return f"lifecycle_state {info.lifecycle_state} out of range"
+    if info.payload_file != f"{info.checkpoint_id}.safetensors" or info.payload_size < 8:
+        return f"payload entry {info.payload_file!r} ({info.payload_size} bytes) is not valid"
+    return None
+
+
+def _typed(body: dict[str, Any], key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
+    if key not in body:
+        raise KeyError(f"field {key!r} is missing")
+    value = body[key]
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"field {key!r} has the wrong type ({value!r})")
+    return value
+
+
+def _canonical_sha(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -1,0 +1,152 @@
+"""Atomic, durable file writes.
+
+The protocol: write a temp file in the destination folder -> fsync it -> publish it under
+its final name (``os.replace``, or a hard link when an existing file must not be
+overwritten) -> fsync the folder. A reader sees the old file or the whole new one, never
+a torn one, and once the call returns the new file survives a power loss.
+``durable=False`` skips the fsyncs: still atomic for readers, but **not** crash-safe
+(a power loss may leave an empty or missing file); use it for tests and scratch data.
+
+Temp files are named ``.kasmina-tmp-<pid>-<n>-<name>.tmp``; :func:`clean_stale_temps`
+removes the ones whose writing process is gone and never touches anything else.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = [
+    "TEMP_PREFIX",
+    "atomic_write",
+    "clean_stale_temps",
+    "fsync_dir",
+    "is_temp_name",
+    "publish",
+    "write_temp",
+]
+
+TEMP_PREFIX = ".kasmina-tmp-"
+_TEMP_RE = re.compile(r"^\.kasmina-tmp-(?P<pid>\d+)-\d+-.*\.tmp$")
+_counter = itertools.count()  # next() on itertools.count is atomic under the GIL
+# Filesystems without hard links answer link() with one of these.
+_NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+Buffer = bytes | bytearray | memoryview
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the name of a temp file written by this module."""
+    return _TEMP_RE.match(name) is not None
+
+
+def write_temp(folder: Path, label: str, chunks: Iterable[Buffer], *, durable: bool = True) -> tuple[Path, int]:
+    """Write ``chunks`` to a new temp file in ``folder`` (fsynced when ``durable``).
+
+    Returns ``(temp path, inode)``. On any error the temp file is removed and the error
+    re-raised (an ``OSError`` such as ENOSPC keeps its errno)."""
+    temp = folder / f"{TEMP_PREFIX}{os.getpid()}-{next(_counter)}-{label}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk).cast("B")
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+            if durable:
+                os.fsync(fd)
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_quietly(temp)
+        raise
+    return temp, inode
+
+
+def publish(temp: Path, final: Path, *, overwrite: bool) -> None:
+    """Give ``temp`` its final name atomically.
+
+    ``overwrite=True`` uses ``os.replace``. ``overwrite=False`` never replaces an existing
+    file: it raises ``FileExistsError`` instead (hard link then unlink of the temp; on a
+    filesystem without hard links an ``O_EXCL`` placeholder reserves the name first).
+    ``temp`` is gone afterwards unless an error is raised."""
+    if overwrite:
+        os.replace(temp, final)
+        return
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_LINK_ERRNOS:
+            raise
+        os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.replace(temp, final)
+        return
+    os.unlink(temp)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder so the names created, renamed or removed in it are durable."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: Buffer | Iterable[Buffer], *, durable: bool = True, overwrite: bool = True) -> None:
+    """Write ``data`` (bytes or an iterable of buffers) to ``path`` atomically, and
+    durably unless ``durable=False``. See :func:`publish` for ``overwrite``."""
+    chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+    temp, _ = write_temp(path.parent, path.name, chunks, durable=durable)
+    try:
+        publish(temp, path, overwrite=overwrite)
+    except BaseException:
+        _unlink_quietly(temp)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Remove temp files in ``folder`` whose writer process no longer exists (left by a
+    crash). Files of live processes and every other file are left alone."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        match = _TEMP_RE.match(entry.name)
+        if match is None or _pid_alive(int(match["pid"])):
+            continue
+        if _unlink_quietly(Path(entry.path)):
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _unlink_quietly(path: Path) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True

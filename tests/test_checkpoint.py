@@ -1,0 +1,525 @@
+"""CheckpointManager: format, listing, retention, deletion, validation, corruption,
+disk-full handling, the metadata index, and CheckpointRecovery."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kasmina
+from kasmina import checkpoint as ckpt
+from kasmina.checkpoint import (
+    CheckpointCorruptError,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    CheckpointRecovery,
+    CheckpointWriteError,
+)
+from kasmina.durable_io import TEMP_PREFIX
+
+ID_RE = re.compile(r"^(?P<layer>.+)_seed(?P<seed>\d+)_(?P<ms>\d+)_(?P<seq>\d+)$")
+
+
+def _state(value: int, lifecycle: int = 2) -> dict:
+    return {
+        "lifecycle_state": lifecycle,
+        "row": torch.tensor([lifecycle, 1, value, 0, 1, -1, 0, 0], dtype=torch.int32),
+        "metrics": torch.tensor([0.5, float(value), math.nan, 1.0]),
+        "epoch": value,
+    }
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> CheckpointManager:
+    return CheckpointManager(tmp_path / "ckpt")
+
+
+# ---- round trip and format ---------------------------------------------------------------
+def test_round_trip_keeps_every_value_and_type(manager: CheckpointManager) -> None:
+    base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+    state_data = {
+        "lifecycle_state": kasmina.ExtendedLifecycle.GRAFTING,
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(7).to(torch.bfloat16),
+        "f16": torch.randn(2, 2).half(),
+        "i64": torch.tensor([-(2**40), 2**40]),
+        "i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "flags": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "view": base[:, ::2].T,  # non-contiguous view of a bigger storage
+        "same": base,  # shares storage with "view"
+        "nested": {"list": [1, 2.5, "x", None, True, torch.ones(2)], "tuple": (1, 2)},
+        "nan": math.nan,
+        "inf": -math.inf,
+    }
+    blueprint = {"0.weight": torch.randn(4, 4, requires_grad=True), "0.bias": torch.randn(4)}
+    checkpoint_id = manager.save_checkpoint("enc.block-1", 7, state_data, blueprint, "high", metadata={"epoch": 12})
+    out = manager.restore_checkpoint(checkpoint_id)
+    assert out["version"] == 2 and out["source_version"] == 2
+    assert (out["layer_id"], out["seed_id"], out["priority"], out["lifecycle_state"]) == ("enc.block-1", 7, "high", 3)
+    got = out["state_data"]
+    for key in ("f32", "bf16", "f16", "i64", "i8", "u8", "flags", "scalar", "empty", "view", "same"):
+        assert got[key].dtype == state_data[key].dtype and torch.equal(got[key], state_data[key]), key
+    assert got["lifecycle_state"] == 3 and type(got["lifecycle_state"]) is int
+    assert got["nested"]["list"][:5] == [1, 2.5, "x", None, True] and torch.equal(got["nested"]["list"][5], torch.ones(2))
+    assert got["nested"]["tuple"] == [1, 2]  # tuples come back as lists (documented)
+    assert math.isnan(got["nan"]) and got["inf"] == -math.inf
+    assert list(out["blueprint_state"]) == ["0.weight", "0.bias"]
+    assert all(torch.equal(out["blueprint_state"][k], blueprint[k].detach()) for k in blueprint)
+    assert out["metadata"] == {"epoch": 12}
+
+
+def test_files_are_safetensors_plus_a_v2_sidecar(manager: CheckpointManager) -> None:
+    checkpoint_id = manager.save_checkpoint("L", 3, _state(5, lifecycle=4), {"w": torch.ones(3)})
+    payload = manager.active_dir / f"{checkpoint_id}.safetensors"
+    sidecar = json.loads((manager.active_dir / f"{checkpoint_id}.json").read_text())
+    assert ID_RE.match(checkpoint_id)["layer"] == "L" and ID_RE.match(checkpoint_id)["seed"] == "3"
+    assert sidecar["version"] == 2 and sidecar["checkpoint_id"] == checkpoint_id
+    assert (sidecar["layer_id"], sidecar["seed_id"], sidecar["priority"]) == ("L", 3, "normal")
+    assert (sidecar["lifecycle_state"], sidecar["lifecycle_state_name"]) == (4, "STABILIZATION")
+    assert sidecar["payload_size"] == payload.stat().st_size
+    assert sidecar["sha256"] == hashlib.sha256(payload.read_bytes()).hexdigest()
+    assert abs(sidecar["timestamp"] - sidecar["created_ms"] / 1000) < 1e-6 and sidecar["created_utc"].startswith("20")
+    # a standard safetensors file: the reference library reads it
+    tensors = load_file(payload)
+    assert torch.equal(tensors["state_data/row"], _state(5, 4)["row"]) and torch.equal(
+        tensors["blueprint_state/w"], torch.ones(3)
+    )
+
+
+def test_no_pickle_is_used_to_save_or_restore(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pickle was used")
+
+    for name in ("dumps", "loads", "dump", "load", "Unpickler", "Pickler"):
+        monkeypatch.setattr(pickle, name, forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(torch, "save", forbidden)
+    checkpoint_id = manager.save_checkpoint("L", 0, _state(1), {"w": torch.ones(2)})
+    assert manager.restore_checkpoint(checkpoint_id)["state_data"]["epoch"] == 1
+    manager.verify(checkpoint_id)
+
+
+def test_restore_on_cpu_device_keeps_values(manager: CheckpointManager) -> None:
+    checkpoint_id = manager.save_checkpoint("L", 0, _state(9), {"w": torch.randn(5)})
+    out = manager.restore_checkpoint(checkpoint_id, target_device="cpu")
+    assert out["state_data"]["row"].device.type == "cpu"
+    assert torch.equal(out["state_data"]["row"], _state(9)["row"])
+    with pytest.raises(ValueError, match="not a device"):
+        manager.restore_checkpoint(checkpoint_id, target_device="warp-drive")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_restore_on_cuda_keeps_values(manager: CheckpointManager) -> None:
+    blueprint = {"w": torch.randn(64, 64)}
+    checkpoint_id = manager.save_checkpoint("L", 0, _state(9), blueprint)
+    out = manager.restore_checkpoint(checkpoint_id, target_device="cuda")
+    assert out["blueprint_state"]["w"].is_cuda and out["state_data"]["row"].is_cuda
+    assert torch.equal(out["blueprint_state"]["w"].cpu(), blueprint["w"])
+    assert torch.equal(out["state_data"]["row"].cpu(), _state(9)["row"])
+    on_gpu = {"w": blueprint["w"].cuda()}  # saving from the GPU works too
+    back = manager.restore_checkpoint(manager.save_checkpoint("L", 1, _state(1), on_gpu))
+    assert torch.equal(back["blueprint_state"]["w"], blueprint["w"])
+
+
+def test_durable_false_skips_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manager = CheckpointManager(tmp_path, durable=False)
+
+    def no_fsync(fd: int) -> None:
+        raise AssertionError("fsync called with durable=False")
+
+    monkeypatch.setattr(os, "fsync", no_fsync)
+    checkpoint_id = manager.save_checkpoint("L", 0, _state(1))
+    assert manager.verify(checkpoint_id).checkpoint_id == checkpoint_id
+
+
+# ---- listing, ids ------------------------------------------------------------------------
+def test_list_is_newest_first_by_parsed_numbers(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ckpt.time, "time_ns", lambda: 1_000 * 1_000_000)  # every id in one millisecond
+    ids = [manager.save_checkpoint("L", 0, _state(i), priority="high") for i in range(12)]
+    seqs = [int(ID_RE.match(i)["seq"]) for i in ids]
+    assert seqs == sorted(seqs) and str(seqs[-1]) < str(seqs[0])  # string order would be wrong here
+    listed = [info.checkpoint_id for info in manager.list_checkpoints(limit=None)]
+    assert listed == ids[::-1]
+    assert [i.checkpoint_id for i in manager.list_checkpoints(limit=3)] == ids[:-4:-1]
+
+
+def test_list_filters_and_counts(manager: CheckpointManager) -> None:
+    a = manager.save_checkpoint("A", 0, _state(1, lifecycle=2))
+    b = manager.save_checkpoint("A", 1, _state(2, lifecycle=3))
+    c = manager.save_checkpoint("B", 0, _state(3, lifecycle=2))
+    d = manager.save_checkpoint("A", 0, {"x": torch.ones(1)})  # no lifecycle state
+    ids = lambda infos: [i.checkpoint_id for i in infos]  # noqa: E731
+    assert ids(manager.list_checkpoints()) == [d, c, b, a]
+    assert ids(manager.list_checkpoints(layer_id="A")) == [d, b, a]
+    assert ids(manager.list_checkpoints(layer_id="A", seed_id=0)) == [d, a]
+    assert ids(manager.list_checkpoints(seed_id=0)) == [d, c, a]
+    assert ids(manager.list_checkpoints(lifecycle_state=2)) == [c, a]
+    assert ids(manager.list_checkpoints(lifecycle_state="GRAFTING")) == [b]
+    assert ids(manager.list_checkpoints(lifecycle_state=kasmina.ExtendedLifecycle.TRAINING, layer_id="B")) == [c]
+    assert manager.get_latest_checkpoint("A", 0).checkpoint_id == d
+    assert manager.get_latest_checkpoint("A", 9) is None
+    assert manager.get_checkpoint_count() == 4 and manager.get_checkpoint_count("A", 0) == 2
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="limit"):
+            manager.list_checkpoints(limit=bad)
+    with pytest.raises(ValueError, match="lifecycle_state"):
+        manager.list_checkpoints(lifecycle_state=42)
+
+
+def test_numbers_are_per_seed_sequences_and_map_back(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, max_checkpoints_per_seed=2)
+    ids = [manager.save_checkpoint("L", 0, _state(i)) for i in range(4)]
+    other = manager.save_checkpoint("L", 1, _state(0))
+    assert [manager.verify(i).number for i in ids] == [1, 2, 3, 4] and manager.verify(other).number == 1
+    assert manager.get_checkpoint_by_number("L", 0, 4).checkpoint_id == ids[3]
+    assert manager.get_checkpoint_by_number("L", 0, 1).checkpoint_id == ids[0]  # archived, still found
+    assert manager.get_checkpoint_by_number("L", 0, 1).location == "archive"
+    assert manager.get_checkpoint_by_number("L", 0, 99) is None
+    reopened = CheckpointManager(tmp_path, max_checkpoints_per_seed=2)  # numbering continues after a restart
+    assert reopened.verify(reopened.save_checkpoint("L", 0, _state(9))).number == 5
+
+
+def test_ids_unique_under_8_threads_x_50_saves(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, durable=False)
+    saved: dict[str, tuple[int, int]] = {}
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def work(thread: int) -> None:
+        barrier.wait()
+        for i in range(50):
+            checkpoint_id = manager.save_checkpoint("L", 0, {"thread": thread, "i": i, "t": torch.tensor([thread, i])})
+            with lock:
+                saved[checkpoint_id] = (thread, i)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(saved) == 400
+    assert manager.get_checkpoint_count() == 5  # retention moved the rest to archive/
+    for checkpoint_id, (thread, i) in saved.items():
+        out = manager.restore_checkpoint(checkpoint_id)
+        assert (out["state_data"]["thread"], out["state_data"]["i"]) == (thread, i)
+        assert out["state_data"]["t"].tolist() == [thread, i]
+    assert sorted(manager.verify(i).number for i in saved) == list(range(1, 401))
+
+
+def test_a_taken_id_is_never_overwritten(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same (ms, seq) from another process: the no-overwrite publish moves on to the next id."""
+    first = manager.save_checkpoint("L", 0, _state(1), priority="high")
+    ms, seq = (int(x) for x in first.rsplit("_", 2)[1:])
+    replies = iter([(ms, seq), (ms, seq + 1000)])
+    monkeypatch.setattr(ckpt._CLOCK, "next", lambda: next(replies))
+    second = manager.save_checkpoint("L", 0, _state(2), priority="high")
+    assert second == f"L_seed0_{ms}_{seq + 1000}"
+    assert manager.restore_checkpoint(first)["state_data"]["epoch"] == 1
+    assert manager.restore_checkpoint(second)["state_data"]["epoch"] == 2
+    assert not [n for n in _files(manager.active_dir) if n.startswith(TEMP_PREFIX)]
+
+
+def test_a_stray_sidecar_is_not_overwritten(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    stray = manager.active_dir / "L_seed0_5_1.json"
+    stray.write_text("not mine")
+    replies = iter([(5, 1), (5, 2)])
+    monkeypatch.setattr(ckpt._CLOCK, "next", lambda: next(replies))
+    assert manager.save_checkpoint("L", 0, _state(2)) == "L_seed0_5_2"
+    assert stray.read_text() == "not mine" and not (manager.active_dir / "L_seed0_5_1.safetensors").exists()
+
+
+def test_saves_work_without_hard_links(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    ids = [manager.save_checkpoint("L", 0, _state(i), priority="high") for i in range(3)]
+    assert [manager.restore_checkpoint(i)["state_data"]["epoch"] for i in ids] == [0, 1, 2]
+    assert not [n for n in _files(manager.active_dir) if n.startswith(TEMP_PREFIX)]
+
+
+# ---- retention and deletion -----------------------------------------------------------------
+def test_retention_archives_old_normal_and_low_keeps_high_and_critical(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, max_checkpoints_per_seed=3)
+    foreign = {"notes.txt": "x", "foreign.json": "{}", "L_seed0_1_1.safetensors.old": "y"}
+    for name, text in foreign.items():
+        (manager.active_dir / name).write_text(text)
+    normal = [manager.save_checkpoint("L", 0, _state(i)) for i in range(3)]
+    high = manager.save_checkpoint("L", 0, _state(10), priority="high")
+    critical = manager.save_checkpoint("L", 0, _state(11), priority="critical")
+    normal += [manager.save_checkpoint("L", 0, _state(i), priority="low" if i == 4 else "normal") for i in (3, 4)]
+    other_seed = manager.save_checkpoint("L", 1, _state(0))
+    active = {i.checkpoint_id for i in manager.list_checkpoints(limit=None)}
+    assert active == {*normal[2:], high, critical, other_seed}
+    archived = _files(manager.archive_dir)
+    assert archived == {f"{i}{ext}" for i in normal[:2] for ext in (".json", ".safetensors")}
+    assert manager.restore_checkpoint(normal[0])["state_data"]["epoch"] == 0  # restorable from archive/
+    for name, text in foreign.items():  # never touched
+        assert (manager.active_dir / name).read_text() == text
+
+
+def test_delete_archives_or_removes(manager: CheckpointManager) -> None:
+    a = manager.save_checkpoint("L", 0, _state(1))
+    b = manager.save_checkpoint("L", 0, _state(2))
+    manager.delete_checkpoint(a)
+    assert [i.checkpoint_id for i in manager.list_checkpoints()] == [b]
+    assert f"{a}.json" in _files(manager.archive_dir)
+    manager.delete_checkpoint(a, archive=False)  # gone from archive/ too
+    assert _files(manager.archive_dir) == set()
+    manager.delete_checkpoint(b, archive=False)
+    assert manager.get_checkpoint_count() == 0 and _files(manager.active_dir) == set()
+    with pytest.raises(CheckpointNotFoundError, match=b):
+        manager.restore_checkpoint(b)
+    with pytest.raises(CheckpointNotFoundError):
+        manager.delete_checkpoint(b)
+    for bad in ("../x", "a/b", "", ".hidden", None):
+        with pytest.raises(ValueError, match="not a valid checkpoint id"):
+            manager.delete_checkpoint(bad)
+
+
+# ---- validation ----------------------------------------------------------------------------
+@pytest.mark.parametrize("layer_id", ["../escape", "a/b", "a\\b", "", ".hidden", "x" * 129, "tab\there", None, 3])
+def test_unsafe_layer_ids_are_rejected(manager: CheckpointManager, layer_id: object) -> None:
+    with pytest.raises(ValueError, match="layer_id"):
+        manager.save_checkpoint(layer_id, 0, _state(1))
+    assert _files(manager.active_dir) == set() and _files(manager.checkpoint_dir) == {"active", "archive"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"seed_id": -1}, ValueError, "seed_id -1"),
+        ({"seed_id": True}, TypeError, "seed_id"),
+        ({"seed_id": "3"}, TypeError, "seed_id"),
+        ({"priority": "urgent"}, ValueError, "priority 'urgent'"),
+        ({"state_data": [1, 2]}, TypeError, "state_data must be a dict"),
+        ({"state_data": {"x": object()}}, TypeError, "'state_data/x' has type object"),
+        ({"state_data": {"x": {1: 2}}}, TypeError, "'state_data/x': dict keys must be strings"),
+        ({"state_data": {"lifecycle_state": 99}}, ValueError, "out of range"),
+        ({"state_data": {"x": torch.zeros(2, dtype=torch.complex64)}}, TypeError, "complex64"),
+        ({"blueprint_state": [torch.ones(1)]}, TypeError, "blueprint_state"),
+    ],
+)
+def test_bad_input_raises_and_writes_nothing(manager: CheckpointManager, kwargs: dict, error: type, match: str) -> None:
+    args = {"layer_id": "L", "seed_id": 0, "state_data": _state(1), **kwargs}
+    with pytest.raises(error, match=match):
+        manager.save_checkpoint(**args)
+    assert _files(manager.active_dir) == set()
+
+
+def test_bad_manager_arguments() -> None:
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="max_checkpoints_per_seed"):
+            CheckpointManager("/tmp/unused-kasmina-ckpt", max_checkpoints_per_seed=bad)
+    with pytest.raises(TypeError, match="durable"):
+        CheckpointManager("/tmp/unused-kasmina-ckpt", durable="yes")
+
+
+# ---- corruption ----------------------------------------------------------------------------
+def _flip_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def _damage(manager: CheckpointManager, checkpoint_id: str, how: str) -> str:
+    payload = manager.active_dir / f"{checkpoint_id}.safetensors"
+    sidecar = manager.active_dir / f"{checkpoint_id}.json"
+    if how == "bit flip":
+        _flip_bit(payload, payload.stat().st_size - 3)
+        return payload.name
+    if how == "bit flip in header":
+        _flip_bit(payload, 20)
+        return payload.name
+    if how == "truncation":
+        payload.write_bytes(payload.read_bytes()[:-10])
+        return payload.name
+    if how == "missing sidecar":
+        sidecar.unlink()
+        return payload.name
+    if how == "garbled sidecar":
+        sidecar.write_bytes(sidecar.read_bytes()[:40])
+        return sidecar.name
+    if how == "edited sidecar":  # still valid JSON, but not what was written
+        body = json.loads(sidecar.read_text())
+        body["priority"] = "critical"
+        sidecar.write_text(json.dumps(body))
+        return sidecar.name
+    if how == "missing payload":
+        payload.unlink()
+        return sidecar.name
+    raise AssertionError(how)
+
+
+DAMAGE = [
+    "bit flip",
+    "bit flip in header",
+    "truncation",
+    "missing sidecar",
+    "garbled sidecar",
+    "edited sidecar",
+    "missing payload",
+]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_corruption_is_detected_and_named(manager: CheckpointManager, how: str) -> None:
+    checkpoint_id = manager.save_checkpoint("L", 0, _state(1), {"w": torch.randn(100)})
+    damaged = _damage(manager, checkpoint_id, how)
+    with pytest.raises(CheckpointCorruptError, match=re.escape(damaged)):
+        manager.restore_checkpoint(checkpoint_id)
+    with pytest.raises(CheckpointCorruptError, match=re.escape(damaged)):
+        manager.verify(checkpoint_id)
+
+
+def test_recovery_skips_every_kind_of_damage(manager: CheckpointManager) -> None:
+    good = manager.save_checkpoint("L", 0, _state(100), {"w": torch.full((10,), 100.0)}, priority="high")
+    damaged = {}
+    for i, how in enumerate(DAMAGE):
+        checkpoint_id = manager.save_checkpoint("L", 0, _state(i), {"w": torch.full((10,), float(i))}, priority="high")
+        damaged[checkpoint_id] = how
+        _damage(manager, checkpoint_id, how)
+    manager.save_checkpoint("L", 1, _state(7), priority="high")  # another seed: not a candidate
+    result = CheckpointRecovery(manager).recover_seed_state("L", 0)
+    assert result.checkpoint_id == good and result.location == "active"
+    assert result.checkpoint["state_data"]["epoch"] == 100
+    assert [s.checkpoint_id for s in result.skipped] == list(damaged)[::-1]
+    for skipped in result.skipped:
+        assert skipped.checkpoint_id in skipped.reason and skipped.reason
+    # listing shows only the checkpoints whose sidecars parse; verify flags the damaged ones
+    for info in manager.list_checkpoints(layer_id="L", seed_id=0, limit=None):
+        if info.checkpoint_id in damaged:
+            with pytest.raises(CheckpointCorruptError):
+                manager.verify(info.checkpoint_id)
+
+
+def test_recovery_falls_back_to_archive_and_reports_when_nothing_is_left(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, max_checkpoints_per_seed=1)
+    old = manager.save_checkpoint("L", 0, _state(1))
+    new = manager.save_checkpoint("L", 0, _state(2))
+    _damage(manager, new, "bit flip")
+    result = CheckpointRecovery(manager).recover_seed_state("L", 0)
+    assert (result.checkpoint_id, result.location) == (old, "archive")
+    assert [s.checkpoint_id for s in result.skipped] == [new] and "sha256" in result.skipped[0].reason
+    _flip_bit(manager.archive_dir / f"{old}.safetensors", 30)
+    with pytest.raises(CheckpointNotFoundError, match="skipped 2") as info:
+        CheckpointRecovery(manager).recover_seed_state("L", 0)
+    assert len(info.value.skipped) == 2
+    with pytest.raises(CheckpointNotFoundError, match="no usable checkpoint"):
+        CheckpointRecovery(manager).recover_seed_state("L", 5)
+
+
+# ---- disk full -----------------------------------------------------------------------------
+def _fail_in(monkeypatch: pytest.MonkeyPatch, folder: Path, call: str, after: int) -> None:
+    """Make os.<call> raise ENOSPC for files under ``folder`` once ``after`` calls passed
+    (os.write writes part of its buffer first, like a real full disk)."""
+    real = getattr(os, call)
+    calls = {"n": 0}
+
+    def fake(fd: int, *args: object) -> object:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if target.startswith(str(folder)) and TEMP_PREFIX in target:
+            calls["n"] += 1
+            if calls["n"] > after:
+                if call == "write":
+                    real(fd, bytes(args[0])[:7])
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, *args)
+
+    monkeypatch.setattr(os, call, fake)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to map fds to files")
+@pytest.mark.parametrize(("call", "after"), [("write", 0), ("write", 1), ("fsync", 0), ("fsync", 1)])
+def test_disk_full_keeps_every_earlier_checkpoint(
+    manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch, call: str, after: int
+) -> None:
+    earlier = [manager.save_checkpoint("L", 0, _state(i), {"w": torch.randn(64)}) for i in range(3)]
+    before = _files(manager.active_dir)
+    with monkeypatch.context() as patch:
+        _fail_in(patch, manager.active_dir, call, after)  # after=1: the payload goes through, the sidecar fails
+        with pytest.raises(CheckpointWriteError, match="no space left on device") as info:
+            manager.save_checkpoint("L", 0, _state(99), {"w": torch.randn(64)})
+    assert info.value.errno == errno.ENOSPC and str(manager.active_dir) in str(info.value)
+    assert _files(manager.active_dir) == before  # temp files gone, nothing half-written
+    assert [i.checkpoint_id for i in manager.list_checkpoints()] == earlier[::-1]
+    for checkpoint_id in earlier:
+        manager.verify(checkpoint_id)
+    assert CheckpointRecovery(manager).recover_seed_state("L", 0).checkpoint_id == earlier[-1]
+    assert manager.restore_checkpoint(manager.save_checkpoint("L", 0, _state(5)))["state_data"]["epoch"] == 5
+
+
+# ---- temp files, the index -----------------------------------------------------------------------
+def test_stale_temp_files_are_cleaned_on_open_and_others_kept(tmp_path: Path) -> None:
+    CheckpointManager(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = tmp_path / "active" / f"{TEMP_PREFIX}{int(dead.stdout)}-0-payload.tmp"
+    live = tmp_path / "archive" / f"{TEMP_PREFIX}{os.getpid()}-0-payload.tmp"
+    other = tmp_path / "active" / ".kasmina-tmp-notapid.tmp"
+    for path in (stale, live, other):
+        path.write_bytes(b"partial")
+    manager = CheckpointManager(tmp_path)
+    assert manager.cleaned_temp_files == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
+    assert manager.list_checkpoints() == []
+
+
+def test_interrupted_archive_moves_are_finished_on_open(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, max_checkpoints_per_seed=5)
+    a = manager.save_checkpoint("L", 0, _state(1))
+    b = manager.save_checkpoint("L", 0, _state(2))
+    os.replace(manager.active_dir / f"{a}.json", manager.archive_dir / f"{a}.json")  # crash after the sidecar moved
+    os.replace(manager.active_dir / f"{b}.safetensors", manager.archive_dir / f"{b}.safetensors")  # the other order
+    reopened = CheckpointManager(tmp_path)
+    assert reopened.list_checkpoints() == [] and len(_files(reopened.archive_dir)) == 4
+    assert reopened.restore_checkpoint(a)["state_data"]["epoch"] == 1
+    assert reopened.restore_checkpoint(b)["state_data"]["epoch"] == 2
+
+
+def test_index_is_cached_and_follows_other_writers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ckpt, "_SETTLE_NS", 0)  # a folder counts as settled at once (no racy window in the test)
+    reads: list[str] = []
+    real_read = ckpt._SidecarIndex._read
+    monkeypatch.setattr(ckpt._SidecarIndex, "_read", lambda self, path: reads.append(path.name) or real_read(self, path))
+    first, second = CheckpointManager(tmp_path), CheckpointManager(tmp_path)
+    a = first.save_checkpoint("L", 0, _state(1))
+    assert [i.checkpoint_id for i in first.list_checkpoints()] == [a] and reads == []  # own write: no re-read
+    assert [i.checkpoint_id for i in second.list_checkpoints()] == [a] and reads == [f"{a}.json"]
+    scans = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: scans.append(path) or real_scandir(path))
+    second.list_checkpoints()
+    assert scans == []  # unchanged folder: one stat, no listing, no reads
+    b = first.save_checkpoint("L", 1, _state(2))
+    first.delete_checkpoint(a, archive=False)
+    assert [i.checkpoint_id for i in second.list_checkpoints()] == [b] and reads[-1] == f"{b}.json"
+    (tmp_path / "active" / "broken.json").write_text("{")
+    assert [i.checkpoint_id for i in second.list_checkpoints()] == [b]
+    assert "broken.json" in second._active.unreadable
+
+
+def test_errors_are_exported() -> None:
+    for name in ("CheckpointManager", "CheckpointRecovery", "CheckpointError", "CheckpointCorruptError",
+                 "CheckpointNotFoundError", "CheckpointWriteError", "UnsafeCheckpointError"):  # fmt: skip
+        assert getattr(kasmina, name) is getattr(ckpt, name) and name in kasmina.__all__
+    assert issubclass(kasmina.CheckpointCorruptError, kasmina.CheckpointError)
