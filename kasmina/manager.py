@@ -320,7 +320,7 @@ class LifecycleManager:
             except Exception as exc:  # a callback must not undo or corrupt the transition
                 logger.exception("transition callback %r failed for seed %d %s -> %s", fn, seed_id,
                                  STATE_NAMES[src], STATE_NAMES[dst])
-                errors.append(f"{getattr(fn, '__qualname__', repr(fn))}: {type(exc).__name__}: {exc}")
+                errors.append(f"seed {seed_id}: {getattr(fn, '__qualname__', repr(fn))}: {type(exc).__name__}: {exc}")
         return errors
 
     def _batch_callbacks(self, seed_ids: Any, from_states: Any, to_states: Any, context: Any,
