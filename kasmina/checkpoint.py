@@ -659,8 +659,9 @@ class CheckpointManager:
             with self._lock:
                 body = load_json(sidecar.read_bytes(), sidecar) if sidecar.exists() else None
                 if body is not None and is_v2_sidecar(body):  # migrated before; finish the clean-up
-                    self._backup(path, path.with_name(path.name + ".bak"))
-                    os.unlink(path)
+                    if path.exists():
+                        self._backup(path, path.with_name(path.name + ".bak"))
+                        os.unlink(path)
                     return checkpoint_id
                 if not path.exists():
                     raise CheckpointNotFoundError(f"no v1 checkpoint {path}")

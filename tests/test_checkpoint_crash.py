@@ -1,0 +1,154 @@
+"""Crash safety and cross-process id uniqueness of CheckpointManager.
+
+One driver subprocess imports kasmina once and forks the writers (cheap), so dozens of
+SIGKILLs fit in a few seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kasmina.checkpoint import CheckpointManager, CheckpointRecovery
+from kasmina.durable_io import TEMP_PREFIX
+
+KILLS = 32
+RACE_WRITERS, RACE_SAVES = 4, 25
+VALUES_PER_ROUND = 1_000_000
+
+
+def _save_forever(folder: str, log_path: str, first_value: int, ready_fd: int) -> None:
+    """Child: save checkpoints with increasing values, logging each completed one."""
+    manager = CheckpointManager(folder, max_checkpoints_per_seed=3)
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    value = first_value
+    while True:
+        checkpoint_id = manager.save_checkpoint("L", 0, {"value": value, "t": torch.full((2048,), value, dtype=torch.int64)})
+        os.write(log, f"{value} {checkpoint_id}\n".encode())
+        if value == first_value:
+            os.write(ready_fd, b"r")  # at least one complete save per child
+        value += 1
+
+
+def crash_driver(folder: str, log_path: str, kills: int, seed: int) -> None:
+    """Fork a writer ``kills`` times and SIGKILL it at a random moment each time."""
+    rng = random.Random(seed)
+    for round_ in range(kills):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(read_fd)
+                _save_forever(folder, log_path, (round_ + 1) * VALUES_PER_ROUND, write_fd)
+            finally:
+                os._exit(1)
+        os.close(write_fd)
+        os.read(read_fd, 1)
+        os.close(read_fd)
+        time.sleep(rng.uniform(0, 0.025))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        time.sleep(0.002)  # the next writer's ids start in a later millisecond
+
+
+def id_race_driver(folder: str, log_path: str, writers: int, saves: int) -> None:
+    """Fork ``writers`` processes that save one seed at once, all stamping the same
+    millisecond and starting from the same sequence number, so ids clash constantly."""
+    read_fd, write_fd = os.pipe()
+    pids = []
+    for writer in range(writers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                import kasmina.checkpoint as ckpt
+
+                ckpt.time.time_ns = lambda: 5_000 * 1_000_000
+                manager = CheckpointManager(folder, durable=False)
+                os.close(write_fd)
+                os.read(read_fd, 1)  # start together
+                lines = []
+                for i in range(saves):
+                    checkpoint_id = manager.save_checkpoint("L", 0, {"writer": writer, "i": i}, priority="high")
+                    lines.append(f"{writer} {i} {checkpoint_id}\n")
+                with open(log_path, "a") as log:
+                    log.write("".join(lines))
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    os.close(read_fd)
+    os.write(write_fd, b"g" * writers)
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, status
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Both drivers in one subprocess (one import of torch): {name: (folder, log)}."""
+    root = tmp_path_factory.mktemp("crash")
+    paths = {name: (root / name, root / f"{name}.log") for name in ("kill", "race")}
+    for folder, log in paths.values():
+        CheckpointManager(folder)
+        log.touch()
+    (kill_dir, kill_log), (race_dir, race_log) = paths["kill"], paths["race"]
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_checkpoint_crash as t; "
+        f"t.crash_driver({str(kill_dir)!r}, {str(kill_log)!r}, {KILLS}, 1234); "
+        f"t.id_race_driver({str(race_dir)!r}, {str(race_log)!r}, {RACE_WRITERS}, {RACE_SAVES})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return paths
+
+
+def test_sigkill_at_random_points_never_breaks_a_listed_checkpoint(runs: dict[str, tuple[Path, Path]]) -> None:
+    folder, log = runs["kill"]
+    completed = [line.split() for line in log.read_text().splitlines()]  # O_APPEND line writes are never torn
+    rounds = {int(value) // VALUES_PER_ROUND for value, _ in completed}
+    assert len(rounds) == KILLS  # every writer completed a save before it was killed
+
+    leftovers = [p.name for p in (folder / "active").iterdir() if p.name.startswith(TEMP_PREFIX)]
+    orphans = [p.stem for p in (folder / "active").glob("*.safetensors") if not p.with_suffix(".json").exists()]
+    assert leftovers or orphans, "no kill landed inside a save"
+    manager = CheckpointManager(folder)
+    assert sorted(p.name for p in manager.cleaned_temp_files) == sorted(leftovers)
+    assert not [p for p in (folder / "active").iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+    listed = manager.list_checkpoints(limit=None)
+    assert listed
+    for info in listed:  # every listed checkpoint verifies and holds what was saved
+        manager.verify(info.checkpoint_id)
+        out = manager.restore_checkpoint(info.checkpoint_id)
+        assert torch.equal(out["state_data"]["t"], torch.full((2048,), out["state_data"]["value"], dtype=torch.int64))
+    for checkpoint_id in orphans:
+        assert checkpoint_id not in {i.checkpoint_id for i in listed}
+
+    last_value, last_id = int(completed[-1][0]), completed[-1][1]
+    result = CheckpointRecovery(manager).recover_seed_state("L", 0)
+    recovered = result.checkpoint["state_data"]["value"]
+    # the last logged save, or the one after it if the kill came between its commit and the log line
+    assert recovered in (last_value, last_value + 1)
+    assert result.checkpoint_id == last_id or recovered == last_value + 1
+    assert all("no sidecar" in s.reason for s in result.skipped)
+
+
+def test_ids_never_collide_across_processes(runs: dict[str, tuple[Path, Path]]) -> None:
+    folder, log = runs["race"]
+    rows = [line.split() for line in log.read_text().splitlines()]
+    ids = [row[2] for row in rows]
+    total = RACE_WRITERS * RACE_SAVES
+    assert len(rows) == total and len(set(ids)) == total
+    assert len({i.rsplit("_", 2)[1] for i in ids}) == 1  # all in one millisecond
+    manager = CheckpointManager(folder)
+    assert manager.get_checkpoint_count() == total
+    for writer, i, checkpoint_id in rows:
+        out = manager.restore_checkpoint(checkpoint_id)
+        assert (out["state_data"]["writer"], out["state_data"]["i"]) == (int(writer), int(i))
+    assert json.loads((folder / "active" / f"{ids[0]}.json").read_text())["checkpoint_id"] == ids[0]
