@@ -35,13 +35,15 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._generated.lifecycle_tables import StateColumn
 from .checkpoint_errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -77,7 +79,10 @@ __all__ = [
     "CheckpointWriteError",
     "RecoveryResult",
     "SkippedCheckpoint",
+    "TransitionCheckpoint",
     "UnsafeCheckpointError",
+    "checkpoint_after_transition",
+    "validate_layer_id",
 ]
 
 _LAYER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -89,6 +94,9 @@ _RETAINED = ("low", "normal")  # priorities subject to retention
 _SETTLE_NS = 100_000_000  # a folder unchanged this long before a scan cannot hide a later change
 _INT32_MAX = 2**31 - 1
 _MAX_ID_ATTEMPTS = 1000
+_CHECKPOINT_COLUMN = int(StateColumn.CHECKPOINT_ID)
+_LIFECYCLE_COLUMN = int(StateColumn.LIFECYCLE_STATE)
+_SEED_ROW_PARTS = {"state": "row", "history": "history", "history_count": "history_count", "metrics": "metrics"}
 
 SeedKey = tuple[str, str, int | None]  # (layer_id, kind, seed_id)
 
@@ -642,6 +650,85 @@ class CheckpointManager:
             raise ValueError(f"checkpoint {checkpoint_id!r} is not a whole-layer checkpoint of layer {layer_id!r}")
         return _fill_state(loaded["state"], state, ExtendedStateTensor, target_device), loaded["blueprints"]
 
+    # -- one seed of a state tensor ----------------------------------------------------------
+    def save_seed_state(
+        self,
+        layer_id: str,
+        state: ExtendedStateTensor,
+        seed_id: int,
+        blueprint_state: Mapping[str, torch.Tensor] | None = None,
+        priority: str = "high",
+        *,
+        lock: AbstractContextManager[Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Checkpoint one seed's row of ``state``: ``state_data`` holds
+        ``lifecycle_state`` and the tensors ``row`` (8 int32), ``history`` (H, 2),
+        ``history_count`` and ``metrics`` (4 float32). The saved row's CHECKPOINT_ID
+        already holds the new checkpoint's ``number``; after the save the live column is
+        set to it too, unless it changed meanwhile (a concurrent save or restore won).
+        ``lock`` (e.g. the lifecycle manager's) is held while the row is copied and while
+        CHECKPOINT_ID is written, not during the I/O."""
+        layer_id = _check_layer_id(layer_id)
+        seed_id = _check_seed_id(seed_id)
+        priority = _check_priority(priority)
+        if not 0 <= seed_id < state.num_seeds:
+            raise IndexError(f"seed {seed_id} does not exist (there are {state.num_seeds} seeds)")
+        key = (layer_id, "seed", seed_id)
+        number = self._next_number(key)
+        with lock if lock is not None else nullcontext():
+            row = state.state[seed_id].clone()
+            state_data = {
+                "row": row,
+                "history": state.history[seed_id].clone(),
+                "history_count": state.history_count[seed_id].clone(),
+                "metrics": state.metrics[seed_id].clone(),
+            }
+        previous = int(row[_CHECKPOINT_COLUMN])
+        row[_CHECKPOINT_COLUMN] = number
+        lifecycle = int(row[_LIFECYCLE_COLUMN])
+        payload = encode_payload(
+            {
+                "state_data": {"lifecycle_state": lifecycle, **state_data},
+                "blueprint_state": None if blueprint_state is None else dict(blueprint_state),
+                "metadata": dict(metadata or {}),
+            }
+        )
+        info = self._commit(key, priority, lifecycle, payload, number)
+        with lock if lock is not None else nullcontext():
+            if int(state.state[seed_id, _CHECKPOINT_COLUMN]) == previous:  # else a concurrent save or restore won
+                state.set_checkpoint([seed_id], [number])
+        return info
+
+    def restore_seed_state(
+        self,
+        checkpoint_id: str,
+        state: ExtendedStateTensor,
+        seed_id: int | None = None,
+        *,
+        lock: AbstractContextManager[Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write a checkpoint made by :meth:`save_seed_state` back into ``state`` (row,
+        history, history count, metrics of ``seed_id``, by default the checkpoint's own
+        seed) and return the restored checkpoint. Nothing changes if it does not fit."""
+        loaded = self.restore_checkpoint(checkpoint_id, state.device)
+        seed_id = loaded["seed_id"] if seed_id is None else _check_seed_id(seed_id)
+        if seed_id is None or not 0 <= seed_id < state.num_seeds:
+            raise IndexError(f"seed {seed_id} does not exist (there are {state.num_seeds} seeds)")
+        data = loaded["state_data"]
+        parts = {buffer: data.get(name) for buffer, name in _SEED_ROW_PARTS.items()}
+        for buffer, value in parts.items():
+            own = getattr(state, buffer)[seed_id]
+            if not isinstance(value, torch.Tensor) or value.shape != own.shape or value.dtype != own.dtype:
+                raise ValueError(
+                    f"checkpoint {checkpoint_id!r} holds no seed row {_SEED_ROW_PARTS[buffer]!r} "
+                    f"shaped like {tuple(own.shape)} {own.dtype}"
+                )
+        with lock if lock is not None else nullcontext():
+            for buffer, value in parts.items():
+                getattr(state, buffer)[seed_id] = value
+        return loaded
+
     # -- migration -------------------------------------------------------------------------
     def migrate(self, path: str | os.PathLike[str]) -> str:
         """Rewrite a v1 ``.pt`` checkpoint (in this manager's ``active/`` or ``archive/``)
@@ -886,3 +973,43 @@ class CheckpointRecovery:
         )
         error.skipped = tuple(skipped)  # type: ignore[attr-defined]
         raise error
+
+
+# ---- LifecycleManager integration -----------------------------------------------------------
+@dataclass(frozen=True)
+class TransitionCheckpoint:
+    """What checkpointing a seed after its transition gave: the checkpoint id and number,
+    or the error (then ERROR_COUNT was incremented and the transition still stands)."""
+
+    checkpoint_id: str | None
+    number: int | None
+    error: str | None
+
+
+def checkpoint_after_transition(
+    manager: CheckpointManager,
+    layer_id: str,
+    state: ExtendedStateTensor,
+    seed_id: int,
+    lock: AbstractContextManager[Any] | None = None,
+    blueprint_state: Callable[[int], Mapping[str, torch.Tensor] | None] | None = None,
+) -> TransitionCheckpoint:
+    """Save a ``high`` checkpoint of a seed that just changed state (with the blueprint
+    state ``blueprint_state(seed_id)`` returns, when given) and put its number into
+    CHECKPOINT_ID. Never raises for a failed save: it increments the seed's ERROR_COUNT
+    and returns the error, because the transition itself is already committed."""
+    try:
+        blueprint = blueprint_state(seed_id) if blueprint_state is not None else None
+        info = manager.save_seed_state(layer_id, state, seed_id, blueprint, "high", lock=lock)
+    except Exception as exc:  # the transition stands; the failure is reported and counted
+        with lock if lock is not None else nullcontext():
+            state.increment_error_count([seed_id])
+        message = f"checkpoint of seed {seed_id} failed: {type(exc).__name__}: {exc}"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return TransitionCheckpoint(None, None, message)
+    return TransitionCheckpoint(info.checkpoint_id, info.number, None)
+
+
+def validate_layer_id(layer_id: Any) -> str:
+    """Return ``layer_id`` if it may name checkpoints, else raise ``ValueError``."""
+    return _check_layer_id(layer_id)

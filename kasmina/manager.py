@@ -30,6 +30,7 @@ from ._generated.lifecycle_tables import (
     Reason,
     StateColumn,
 )
+from .checkpoint import CheckpointManager, TransitionCheckpoint, checkpoint_after_transition, validate_layer_id
 from .lifecycle import StateTransition, TransitionContext, context_row, format_reason
 from .policy import LifecyclePolicy, resolve_state
 from .state import ExtendedStateTensor
@@ -46,7 +47,9 @@ TransitionCallback = Callable[[int, ExtendedLifecycle, ExtendedLifecycle, Transi
 class TransitionResult:
     """Answer to one request. Unpacks as ``success, error = result`` (``error`` is None on
     success). ``callback_errors`` lists callbacks that raised after the commit (the
-    transition stands)."""
+    transition stands). With a checkpoint manager, ``checkpoint_id`` names the ``high``
+    checkpoint saved after the commit, or ``checkpoint_error`` says why the save failed
+    (the transition stands; the seed's ERROR_COUNT was incremented)."""
 
     success: bool
     code: Reason
@@ -55,6 +58,8 @@ class TransitionResult:
     from_state: int
     to_state: int
     callback_errors: tuple[str, ...] = ()
+    checkpoint_id: str | None = None
+    checkpoint_error: str | None = None
 
     def __iter__(self):
         yield self.success
@@ -106,7 +111,10 @@ class _SingleRequest:
 class LifecycleManager:
     """Thread-safe front end of an :class:`ExtendedStateTensor`.
 
-    ``checkpoint_manager`` (optional) is kept for the checkpoint integration;
+    ``checkpoint_manager`` (optional :class:`~kasmina.CheckpointManager`): every committed
+    single transition saves a ``high`` checkpoint of the seed (named by ``layer_id``, with
+    the blueprint state ``blueprint_state(seed_id)`` returns, when given) and stores its
+    number in CHECKPOINT_ID (:func:`kasmina.checkpoint.checkpoint_after_transition`);
     ``policy`` (default: the spec's) sets minimum epochs and guard thresholds;
     ``history_limit`` bounds the log of :meth:`get_transition_history`.
     """
@@ -118,9 +126,17 @@ class LifecycleManager:
         policy: LifecyclePolicy | None = None,
         *,
         history_limit: int = 1000,
+        layer_id: str = "layer",
+        blueprint_state: Callable[[int], Mapping[str, torch.Tensor] | None] | None = None,
     ) -> None:
         if not isinstance(state, ExtendedStateTensor):
             raise TypeError(f"state must be an ExtendedStateTensor, got {type(state).__name__}")
+        if checkpoint_manager is not None:
+            if not isinstance(checkpoint_manager, CheckpointManager):
+                raise TypeError(f"checkpoint_manager must be a CheckpointManager, got {type(checkpoint_manager).__name__}")
+            validate_layer_id(layer_id)
+        self.layer_id = layer_id
+        self.blueprint_state = blueprint_state
         if history_limit < 1:
             raise ValueError(f"history_limit must be >= 1, got {history_limit}")
         self.state = state
@@ -285,8 +301,13 @@ class LifecycleManager:
         given: TransitionContext | None,
     ) -> TransitionResult:
         errors: tuple[str, ...] = ()
+        saved = TransitionCheckpoint(None, None, None)
         if code == Reason.OK and (self.checkpoint_manager is not None or (src, dst) in self._callbacks):
             context = given if given is not None else TransitionContext(seed_id, src, dst, performance_metrics=metrics)
+            if self.checkpoint_manager is not None:  # before the callbacks, so they see CHECKPOINT_ID
+                saved = checkpoint_after_transition(
+                    self.checkpoint_manager, self.layer_id, self.state, seed_id, self._lock, self.blueprint_state
+                )
             errors = tuple(self._after_commit(seed_id, src, dst, context))
         self._log.append(
             TransitionRecord(
@@ -301,7 +322,7 @@ class LifecycleManager:
                 callback_errors=errors,
             )
         )
-        return TransitionResult(code == Reason.OK, code, message, seed_id, src, dst, errors)
+        return TransitionResult(code == Reason.OK, code, message, seed_id, src, dst, errors, saved.checkpoint_id, saved.error)
 
     def _after_commit(self, seed_id: int, src: int, dst: int, context: TransitionContext) -> list[str]:
         """Work that follows a committed single transition (called outside the lock,
