@@ -23,7 +23,7 @@ except ImportError:  # run as a script
     from _harness import Report, Stats, measure, parse_args  # type: ignore[no-redef]
 
 from kasmina._generated.lifecycle_tables import ExtendedLifecycle
-from kasmina.distributed import CommandBatch, LifecycleCommand, LifecycleSync, apply_commands
+from kasmina.distributed import CommandBatch, LifecycleSync, SeedCommand, apply_commands
 from kasmina.distributed_launch import launch
 from kasmina.state import ExtendedStateTensor
 
@@ -40,47 +40,48 @@ def _commands(num_seeds: int) -> CommandBatch:
     cmds = []
     for i, s in enumerate(seeds):
         if i % 4 == 0:
-            cmds.append(LifecycleCommand.germinate(s, blueprint_id=1, init_seed=i))
+            cmds.append(SeedCommand.germinate(s, blueprint_id=1, init_seed=i))
         elif i % 4 == 1:
-            cmds.append(LifecycleCommand.transition(s, d.TRAINING, d.GRAFTING, {"reconstruction_loss": 0.005}))
+            cmds.append(SeedCommand.transition(s, d.TRAINING, d.GRAFTING, {"reconstruction_loss": 0.005}))
         elif i % 4 == 2:
-            cmds.append(LifecycleCommand.transition(s, d.EVALUATING, d.CULLED, {"performance_delta": -0.1}))
+            cmds.append(SeedCommand.transition(s, d.EVALUATING, d.CULLED, {"performance_delta": -0.1}))
         else:
-            cmds.append(LifecycleCommand.cancel(s, d.GERMINATED))
+            cmds.append(SeedCommand.cancel(s, d.GERMINATED))
     return CommandBatch.from_commands(cmds)
 
 
-def _rank(rank: int, sizes: tuple[int, ...], repeats: int) -> dict[int, dict[str, Stats]] | None:
+def _measure(sync: LifecycleSync, n: int, repeats: int) -> dict[str, Stats | int]:
+    state = ExtendedStateTensor(n)
+    state.metrics.uniform_()
+    batch = _commands(n) if sync.is_controller else None
+    message_bytes = (8 + sync.capacity * (7 + 6)) * 4
+    ref_tensor = torch.empty((state.metrics.numel() * 4 + message_bytes) // 4, dtype=torch.float32).uniform_()
+
+    def boundary() -> None:
+        sync.reduce_metrics({"metrics": state.metrics})
+        apply_commands(state, sync.broadcast_commands(batch))
+
+    def reduce_only() -> None:
+        sync.reduce_metrics({"metrics": state.metrics})
+
+    def broadcast_only() -> None:
+        apply_commands(state, sync.broadcast_commands(batch))
+
+    def bare() -> None:
+        torch.distributed.all_reduce(ref_tensor)
+
+    return {
+        "bare": measure(bare, repeats=repeats),
+        "boundary": measure(boundary, repeats=repeats),
+        "reduce": measure(reduce_only, repeats=repeats),
+        "commands": measure(broadcast_only, repeats=repeats),
+        "bytes": ref_tensor.numel() * 4,
+    }
+
+
+def _rank(rank: int, sizes: tuple[int, ...], repeats: int) -> dict[int, dict[str, Stats | int]] | None:
     sync = LifecycleSync()
-    out: dict[int, dict[str, Stats]] = {}
-    for n in sizes:
-        state = ExtendedStateTensor(n)
-        state.metrics.uniform_()
-        batch = _commands(n) if sync.is_controller else None
-        message_bytes = (8 + sync.capacity * (7 + 6)) * 4
-        ref_tensor = torch.empty((state.metrics.numel() * 4 + message_bytes) // 4, dtype=torch.float32).uniform_()
-        reps = max(3, repeats // 4) if n >= 1_000_000 else repeats
-
-        def boundary() -> None:
-            sync.reduce_metrics({"metrics": state.metrics})
-            apply_commands(state, sync.broadcast_commands(batch))
-
-        def reduce_only() -> None:
-            sync.reduce_metrics({"metrics": state.metrics})
-
-        def broadcast_only() -> None:
-            apply_commands(state, sync.broadcast_commands(batch))
-
-        def bare() -> None:
-            torch.distributed.all_reduce(ref_tensor)
-
-        out[n] = {
-            "bare": measure(bare, repeats=reps),
-            "boundary": measure(boundary, repeats=reps),
-            "reduce": measure(reduce_only, repeats=reps),
-            "commands": measure(broadcast_only, repeats=reps),
-            "bytes": ref_tensor.numel() * 4,  # type: ignore[dict-item]
-        }
+    out = {n: _measure(sync, n, max(3, repeats // 4) if n >= 1_000_000 else repeats) for n in sizes}
     return out if rank == 0 else None
 
 

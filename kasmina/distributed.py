@@ -8,7 +8,7 @@ epoch boundaries, by commands. The protocol at every epoch boundary is:
 1. every rank measures its metrics; :meth:`LifecycleSync.reduce_metrics` all-reduces
    them (one collective for sums/means, one more only when max/min are asked for), so
    the controller decides on the global numbers, not on its own shard;
-2. the controller's rank decides a batch of :class:`LifecycleCommand`;
+2. the controller's rank decides a batch of :class:`SeedCommand`;
 3. :meth:`LifecycleSync.broadcast_commands` sends the whole batch as **one** int32
    tensor (one ``broadcast`` per boundary, never one per seed) and every rank decodes
    the same :class:`CommandBatch`;
@@ -58,9 +58,9 @@ __all__ = [
     "CommandBatch",
     "CommandKind",
     "DistributedSyncError",
-    "LifecycleCommand",
     "LifecycleSync",
     "RankDivergenceError",
+    "SeedCommand",
     "apply_commands",
     "named_state_tensors",
     "tensor_digest",
@@ -117,7 +117,7 @@ def _strategy_id(strategy: int | str) -> int:
 
 
 @dataclass(frozen=True)
-class LifecycleCommand:
+class SeedCommand:
     """One lifecycle command for one seed, as the controller decides it.
 
     ``from_state`` is the state the controller saw (optimistic concurrency: a seed that
@@ -152,16 +152,12 @@ class LifecycleCommand:
         object.__setattr__(self, "strategy", _strategy_id(self.strategy))
 
     @classmethod
-    def transition(
-        cls, seed_id: int, from_state: int, to_state: int, context: Mapping[str, float] | None = None
-    ) -> LifecycleCommand:
+    def transition(cls, seed_id: int, from_state: int, to_state: int, context: Mapping[str, float] | None = None) -> SeedCommand:
         """Move ``seed_id`` along the edge ``from_state -> to_state``, judged on ``context``."""
         return cls(CommandKind.TRANSITION, seed_id, from_state, to_state, context=dict(context or {}))
 
     @classmethod
-    def germinate(
-        cls, seed_id: int, blueprint_id: int, strategy: int | str = 0, init_seed: int | None = None
-    ) -> LifecycleCommand:
+    def germinate(cls, seed_id: int, blueprint_id: int, strategy: int | str = 0, init_seed: int | None = None) -> SeedCommand:
         """Allocate blueprint ``blueprint_id`` in the DORMANT seed and move it to GERMINATED.
 
         Every rank initialises the blueprint's parameters from the same ``init_seed`` (by
@@ -182,17 +178,17 @@ class LifecycleCommand:
         )
 
     @classmethod
-    def cancel(cls, seed_id: int, from_state: int) -> LifecycleCommand:
+    def cancel(cls, seed_id: int, from_state: int) -> SeedCommand:
         """Stop the seed (to CANCELLED)."""
         return cls(CommandKind.CANCEL, seed_id, from_state, _KIND_TARGET[CommandKind.CANCEL])
 
     @classmethod
-    def rollback(cls, seed_id: int, from_state: int) -> LifecycleCommand:
+    def rollback(cls, seed_id: int, from_state: int) -> SeedCommand:
         """Emergency revert of the seed (to ROLLED_BACK)."""
         return cls(CommandKind.ROLLBACK, seed_id, from_state, _KIND_TARGET[CommandKind.ROLLBACK])
 
     @classmethod
-    def recycle(cls, seed_id: int, from_state: int) -> LifecycleCommand:
+    def recycle(cls, seed_id: int, from_state: int) -> SeedCommand:
         """Return a retired seed's slot to DORMANT (after its embargo)."""
         return cls(CommandKind.RECYCLE, seed_id, from_state, _KIND_TARGET[CommandKind.RECYCLE])
 
@@ -234,14 +230,14 @@ class CommandBatch:
         return cls(z, z, z, z, z, z, z, torch.zeros(0, _NUM_FIELDS, dtype=torch.float32))
 
     @classmethod
-    def from_commands(cls, commands: Iterable[LifecycleCommand]) -> CommandBatch:
+    def from_commands(cls, commands: Iterable[SeedCommand]) -> CommandBatch:
         """Pack commands (in order) into tensors."""
         cmds = list(commands)
         if not cmds:
             return cls.empty()
         for i, c in enumerate(cmds):
-            if not isinstance(c, LifecycleCommand):
-                raise TypeError(f"command {i} is a {type(c).__name__}, not a LifecycleCommand")
+            if not isinstance(c, SeedCommand):
+                raise TypeError(f"command {i} is a {type(c).__name__}, not a SeedCommand")
         ints = torch.tensor(
             [[int(c.kind), c.seed_id, c.from_state, c.to_state, c.blueprint_id, c.strategy, c.init_seed] for c in cmds],
             dtype=torch.int64,
@@ -255,14 +251,14 @@ class CommandBatch:
                 ctx[i, CONTEXT_FIELDS.index(name)] = float(value)
         return cls(*ints.unbind(1), context=ctx)
 
-    def to_commands(self) -> list[LifecycleCommand]:
+    def to_commands(self) -> list[SeedCommand]:
         """The commands as objects (for APIs that take one command at a time)."""
         ints = torch.stack([getattr(self, n) for n in _INT_FIELDS], 1).tolist()
         ctx = self.context.tolist()
         out = []
         for (kind, seed, frm, to, bp, strat, init), row in zip(ints, ctx, strict=True):
             context = {n: v for n, v in zip(CONTEXT_FIELDS, row, strict=True) if v == v}  # v == v: not NaN
-            out.append(LifecycleCommand(CommandKind(kind), seed, frm, to, bp, strat, init, context))
+            out.append(SeedCommand(CommandKind(kind), seed, frm, to, bp, strat, init, context))
         return out
 
     def select(self, mask: Tensor) -> CommandBatch:
@@ -481,7 +477,7 @@ class LifecycleSync:
         return {n: part.reshape(values[n].shape).clone() for n, part in parts.items()}
 
     # ---- commands -----------------------------------------------------------------
-    def broadcast_commands(self, commands: CommandBatch | Sequence[LifecycleCommand] | None = None) -> CommandBatch:
+    def broadcast_commands(self, commands: CommandBatch | Sequence[SeedCommand] | None = None) -> CommandBatch:
         """Send the controller's batch to every rank; returns the same batch everywhere.
 
         Call on every rank once per epoch boundary; only the controller's ``commands``

@@ -16,6 +16,7 @@ Under a real ``torchrun``, call :func:`init_from_env` instead.
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_module
 import time
 import traceback
@@ -94,7 +95,9 @@ def _rank_main(
         results.join_thread()
         os._exit(1)  # skip a destroy_process_group that could wait for a dead peer
     else:
-        results.put((rank, None, value))
+        # Plain pickle: tensors travel by value (torch's queue reductions would pass
+        # shared-memory handles that die with this process).
+        results.put((rank, None, pickle.dumps(value)))
         dist.destroy_process_group()
 
 
@@ -108,6 +111,7 @@ def launch(
     deadline_s: float = 600.0,
     failure_grace_s: float | None = None,
     threads_per_rank: int | None = None,
+    start_method: str = "spawn",
 ) -> list[Any]:
     """Run ``fn(rank, *args)`` in ``nproc`` processes with an initialised process group.
 
@@ -116,15 +120,21 @@ def launch(
     fails the others get ``failure_grace_s`` (default ``timeout_s + 5``) to finish or fail;
     ``deadline_s`` bounds the whole job. Returns the ranks' return values in rank order;
     raises :class:`LaunchError` naming each failed rank and its error otherwise.
+
+    ``start_method="fork"`` starts ranks without re-importing torch (much faster where
+    imports are slow, e.g. in tests); use it only on CPU, before any CUDA use, with one
+    thread per rank (a forked OpenMP pool is not safe to use).
     """
     if nproc < 1:
         raise ValueError(f"nproc={nproc} must be >= 1")
+    if start_method not in ("spawn", "fork", "forkserver"):
+        raise ValueError(f"start_method={start_method!r}: use 'spawn', 'fork' or 'forkserver'")
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend={backend!r}: use 'gloo' or 'nccl'")
     grace = timeout_s + 5.0 if failure_grace_s is None else failure_grace_s
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
     store = dist.TCPStore(_HOST, 0, nproc, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(start_method)
     results = ctx.Queue()
     procs = [
         ctx.Process(
@@ -185,7 +195,8 @@ def _stop(procs: list[Any]) -> None:
 
 
 def _outcome(rank: int, proc: Any, reported: dict[int, tuple[str | None, Any]]) -> RankOutcome:
-    err, value = reported.get(rank, (None, None))
+    err, payload = reported.get(rank, (None, None))
+    value = pickle.loads(payload) if payload is not None else None
     code = proc.exitcode
     if err is None and code != 0:
         err = "killed at the job's deadline or grace period" if code in (-15, -9) else "exited without reporting"

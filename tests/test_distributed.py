@@ -14,28 +14,38 @@ import pytest
 import torch
 
 from kasmina._generated.lifecycle_tables import CONTEXT_FIELDS, ExtendedLifecycle, Reason, StateColumn
+from kasmina.checkpoint import CheckpointManager
 from kasmina.distributed import (
     CommandBatch,
     CommandKind,
     DistributedSyncError,
-    LifecycleCommand,
     LifecycleSync,
+    SeedCommand,
     apply_commands,
     tensor_digest,
 )
+from kasmina.distributed_launch import LaunchError, launch
+from kasmina.distributed_layer import restore_layer_checkpoint, save_layer_checkpoint
 from kasmina.state import ExtendedStateTensor
 
 D = ExtendedLifecycle
 
 
-def _mixed_commands() -> list[LifecycleCommand]:
+def _workers():
+    """The rank bodies (tests/_distributed_workers.py), importable by the ranks too."""
+    import _distributed_workers
+
+    return _distributed_workers
+
+
+def _mixed_commands() -> list[SeedCommand]:
     return [
-        LifecycleCommand.germinate(0, blueprint_id=2, strategy="momentum", init_seed=2**31 - 1),
-        LifecycleCommand.transition(1, D.TRAINING, D.GRAFTING, {"reconstruction_loss": 0.005}),
-        LifecycleCommand.transition(2, D.EVALUATING, D.CULLED, {"performance_delta": -0.2, "error_rate": float("nan")}),
-        LifecycleCommand.cancel(3, D.GERMINATED),
-        LifecycleCommand.rollback(4, D.GRAFTING),
-        LifecycleCommand.recycle(5, D.CULLED),
+        SeedCommand.germinate(0, blueprint_id=2, strategy="momentum", init_seed=2**31 - 1),
+        SeedCommand.transition(1, D.TRAINING, D.GRAFTING, {"reconstruction_loss": 0.005}),
+        SeedCommand.transition(2, D.EVALUATING, D.CULLED, {"performance_delta": -0.2, "error_rate": float("nan")}),
+        SeedCommand.cancel(3, D.GERMINATED),
+        SeedCommand.rollback(4, D.GRAFTING),
+        SeedCommand.recycle(5, D.CULLED),
     ]
 
 
@@ -76,9 +86,9 @@ def test_commands_fill_targets_and_context_from_the_spec() -> None:
     assert batch.strategies[0].item() == 2 and batch.blueprint_ids[0].item() == 2
     assert batch.init_seeds[0].item() == 2**31 - 1
     torch.manual_seed(5)
-    drawn = LifecycleCommand.germinate(1, 1).init_seed
+    drawn = SeedCommand.germinate(1, 1).init_seed
     torch.manual_seed(5)
-    assert LifecycleCommand.germinate(1, 1).init_seed == drawn  # drawn from the controller's torch RNG
+    assert SeedCommand.germinate(1, 1).init_seed == drawn  # drawn from the controller's torch RNG
 
 
 def test_decode_rejects_foreign_stale_and_truncated_messages() -> None:
@@ -100,18 +110,18 @@ def test_decode_rejects_foreign_stale_and_truncated_messages() -> None:
 
 def test_bad_commands_are_rejected_with_the_value() -> None:
     with pytest.raises(ValueError, match="to_state=11"):
-        LifecycleCommand.transition(0, 0, 11)
+        SeedCommand.transition(0, 0, 11)
     with pytest.raises(ValueError, match="seed_id=-1"):
-        LifecycleCommand.transition(-1, 0, 1)
+        SeedCommand.transition(-1, 0, 1)
     with pytest.raises(ValueError, match="unknown context field"):
-        LifecycleCommand.transition(0, 2, 3, {"recon": 0.0})
+        SeedCommand.transition(0, 2, 3, {"recon": 0.0})
     with pytest.raises(ValueError, match="unknown grafting strategy 'zigzag'"):
-        LifecycleCommand.germinate(0, 1, "zigzag")
+        SeedCommand.germinate(0, 1, "zigzag")
     with pytest.raises(ValueError, match="init_seed=-3"):
-        LifecycleCommand.germinate(0, 1, init_seed=-3)
+        SeedCommand.germinate(0, 1, init_seed=-3)
     with pytest.raises(ValueError, match="blueprint_id=-1"):
-        LifecycleCommand.germinate(0, -1)
-    with pytest.raises(TypeError, match="not a LifecycleCommand"):
+        SeedCommand.germinate(0, -1)
+    with pytest.raises(TypeError, match="not a SeedCommand"):
         CommandBatch.from_commands([("germinate", 0)])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="context must be"):
         CommandBatch(*[torch.zeros(1, dtype=torch.int32)] * 7, context=torch.zeros(1, 2))
@@ -125,11 +135,11 @@ def test_apply_commands_is_one_batched_judgement_and_records_blueprints() -> Non
     before = {k: v.clone() for k, v in state.state_dict().items()}
     batch = CommandBatch.from_commands(
         [
-            LifecycleCommand.germinate(0, blueprint_id=1, strategy="adaptive"),
-            LifecycleCommand.germinate(1, blueprint_id=2),
-            LifecycleCommand.germinate(1, blueprint_id=2),  # duplicate: both rejected
-            LifecycleCommand.transition(2, D.TRAINING, D.GRAFTING),  # stale: seed 2 is DORMANT
-            LifecycleCommand.germinate(9, blueprint_id=0),  # no such seed
+            SeedCommand.germinate(0, blueprint_id=1, strategy="adaptive"),
+            SeedCommand.germinate(1, blueprint_id=2),
+            SeedCommand.germinate(1, blueprint_id=2),  # duplicate: both rejected
+            SeedCommand.transition(2, D.TRAINING, D.GRAFTING),  # stale: seed 2 is DORMANT
+            SeedCommand.germinate(9, blueprint_id=0),  # no such seed
         ]
     )
     codes = apply_commands(state, batch)
@@ -175,3 +185,83 @@ def test_tensor_digest_sees_every_bit() -> None:
     assert tensor_digest(x) != tensor_digest(y)
     assert tensor_digest(x) != tensor_digest(x.reshape(10, 10))
     assert tensor_digest(torch.zeros(4, dtype=torch.int32)) != tensor_digest(torch.zeros(4, dtype=torch.float32))
+
+
+# ---- two gloo ranks -------------------------------------------------------------------------
+# Ranks are forked (no torch re-import: seconds instead of tens of seconds on a loaded
+# machine) with one thread each; the launcher bounds every job and leaves no process.
+
+FAST = {"start_method": "fork", "threads_per_rank": 1}
+
+
+@pytest.fixture
+def one_thread():
+    """Same thread count as the ranks, so matmuls round the same way (bitwise comparison)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_two_ranks_stay_identical_and_checkpoints_cross_world_sizes(tmp_path, one_thread) -> None:
+    w = _workers()
+    # Epoch 0 in this process (world size 1): germinate seeds 1-3, checkpoint.
+    manager = CheckpointManager(tmp_path, durable=False)
+    layer = w.build_layer()
+    w.run_epochs(layer, LifecycleSync(), range(0, 1), replicated=True, trace=w.Trace(), check=True)
+    save_layer_checkpoint(layer, manager, LifecycleSync(), metadata={"epoch": 1})
+    source = w.digests(layer)
+
+    # 1 -> 2: both ranks restore it; epochs 1-4 on rank-specific batches, checkpoint
+    # (2 -> 1), epochs 5-8 on replicated batches. Every boundary ends with
+    # check_consistency (bitwise digests of the layer's whole state_dict on every rank).
+    r0, r1 = launch(w.two_rank_run, 2, (str(tmp_path), 1, 5, 9), timeout_s=20, deadline_s=150, **FAST)
+    assert r0["world"] == 2
+    assert r0["restored"] == source == r1["restored"]
+    assert r0["at_split"] == r1["at_split"] and r0["final"] == r1["final"]
+    assert r0["checkpoint_id"] == r1["checkpoint_id"]
+    trace = r0["trace"]
+    assert trace.states == r1["trace"].states and trace.alphas == r1["trace"].alphas and trace.codes == r1["trace"].codes
+    # Sharded data really made the ranks' local work differ: only the protocol kept them equal.
+    visited = {s for row in trace.states for s in row}
+    assert {D.TRAINING, D.GRAFTING, D.STABILIZATION, D.EVALUATING, D.FINE_TUNING, D.FOSSILIZED} <= visited
+    assert {D.CULLED, D.ROLLED_BACK} <= visited
+    assert trace.states[-1] == [D.DORMANT, D.FOSSILIZED, D.DORMANT, D.DORMANT]  # culled/rolled back seeds recycled
+    assert any(0 < a < 1 for row in trace.alphas for a in row)  # a grafting ramp in progress
+    assert any(Reason.MIN_EPOCHS in row for row in trace.codes)  # the real lifecycle judged every command
+    # One broadcast per boundary; two only when the batch overflows the capacity (2).
+    assert trace.broadcasts == [1 if len(c) <= 2 else 2 for c in trace.codes] and 2 in trace.broadcasts
+    assert trace.rebuilds >= 3  # DDP rebuilt as blueprints unfroze, froze and were freed
+
+    # 2 -> 1: restore the 2-rank checkpoint here and continue: bitwise the 2-rank result.
+    resumed = w.build_layer()
+    meta = restore_layer_checkpoint(resumed, manager, r0["checkpoint_id"])
+    assert meta["world_size"] == 2 and meta["epoch"] == 5
+    assert w.digests(resumed) == r0["at_split"]
+    w.run_epochs(resumed, LifecycleSync(), range(5, 9), replicated=True, trace=w.Trace(), check=True)
+    assert w.digests(resumed) == r0["final"]
+
+
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_a_lost_rank_fails_the_others_with_a_clear_error(mode: str) -> None:
+    w = _workers()
+    with pytest.raises(LaunchError) as info:
+        launch(w.failing_run, 2, (mode,), timeout_s=4, failure_grace_s=3, deadline_s=60, **FAST)
+    rank0, rank1 = info.value.outcomes
+    assert rank0.exitcode == 1
+    assert "DistributedSyncError" in rank0.error and "epoch boundary 1" in rank0.error
+    assert "a peer rank died, hung past the process-group timeout" in rank0.error
+    if mode == "die":
+        assert rank1.exitcode == 17 and rank1.error == "exited without reporting"
+    else:
+        assert rank1.exitcode in (-15, -9) and "killed" in rank1.error
+    assert "rank 0: exit code 1: DistributedSyncError" in str(info.value)
+
+
+def test_launch_reports_every_rank_and_rejects_bad_arguments() -> None:
+    w = _workers()
+    assert launch(w.rank_and_world, 2, **FAST) == [(0, 2), (1, 2)]
+    with pytest.raises(ValueError, match="nproc=0"):
+        launch(w.rank_and_world, 0)
+    with pytest.raises(ValueError, match="backend='mpi'"):
+        launch(w.rank_and_world, 1, backend="mpi")

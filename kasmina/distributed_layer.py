@@ -1,0 +1,329 @@
+"""``ChunkedKasminaLayer`` under ``torch.distributed`` and DDP.
+
+DDP averages gradients, so parameters that exist on every rank stay identical. What it
+does not see is everything the lifecycle changes at an epoch boundary: which seeds
+exist in which state, their alphas, which blueprint parameters exist and which of them
+train. This module keeps those identical by construction. At every epoch boundary, on
+every rank, in this order::
+
+    sync_layer_measurements(layer, sync)      # 1. all-reduce what the layer measured
+    layer.step_epoch()                        # 2. same inputs -> same alphas everywhere
+    cmds = controller(...) if sync.is_controller else None
+    batch = sync.broadcast_commands(cmds)     # 3. one broadcast
+    apply_layer_commands(layer, batch)        # 4. same commands, same order, same RNG
+    ddp.refresh(optimizer)                    # 5. rebuild DDP if the parameter set changed
+
+1. :func:`sync_layer_measurements` all-reduces the layer's rank-local measurements —
+   the reconstruction-loss accumulators (sum), reported metrics and idle-chunk
+   statistics (mean), blueprint fault flags (max) — so guards, grafting strategies and
+   the controller see global numbers and every rank computes the same thing.
+2. ``step_epoch`` is deterministic given identical state and inputs.
+3. :meth:`~kasmina.distributed.LifecycleSync.broadcast_commands` (see that module).
+4. :func:`apply_layer_commands` feeds each command to
+   ``layer.process_lifecycle_command`` in order; a germination initialises its
+   blueprint's parameters from the command's ``init_seed`` (a forked RNG, the ranks'
+   own RNG streams untouched), so new blueprints are bitwise identical on every rank.
+5. :class:`KasminaDDP` — **what a user must do when the parameter set changes**:
+   germination allocates parameters, recycling frees them and a state change freezes or
+   unfreezes them (``requires_grad``). DDP fixes its parameter list when it is built,
+   so it must be rebuilt whenever that set changes, at an epoch boundary (never inside a
+   step); ``KasminaDDP.refresh()`` compares the trainable-parameter signature and
+   rebuilds only when it changed, and given the optimizer it also calls each layer's
+   ``sync_optimizer`` so new blueprints train and freed ones leave the optimizer. DDP is
+   built with ``find_unused_parameters=False`` and without per-forward buffer broadcast
+   (lifecycle buffers are kept identical by commands, and rank-local accumulators must
+   not be overwritten by rank 0's). Add ``layer.auxiliary_loss()`` to the loss of the
+   same ``backward`` (TRAINING blueprints learn only from it).
+
+Checkpoints: layer state is replicated, not sharded, so :func:`save_layer_checkpoint`
+writes the whole layer once (rank 0, the project's checksummed ``CheckpointManager``,
+then a barrier; every rank returns the id) and :func:`restore_layer_checkpoint` loads it
+on any world size — 2 ranks to 1 process and back. (``torch.distributed.checkpoint``
+solves sharded state and verifies no checksum; neither fits a replicated layer.)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ._generated.lifecycle_tables import GRAFTING_STRATEGY_NAMES
+from .distributed import CommandBatch, CommandKind, DistributedSyncError, LifecycleSync, SeedCommand
+from .layer import ChunkedKasminaLayer
+from .layer import LifecycleCommand as LayerCommand
+from .manager import TransitionResult
+from .policy import resolve_state
+
+__all__ = [
+    "KasminaDDP",
+    "apply_layer_commands",
+    "kasmina_layers",
+    "restore_layer_checkpoint",
+    "save_layer_checkpoint",
+    "seed_command",
+    "sync_layer_measurements",
+]
+
+_ID_BYTES = 256
+
+
+def kasmina_layers(model: nn.Module) -> list[ChunkedKasminaLayer]:
+    """Every ``ChunkedKasminaLayer`` in ``model`` (itself included), in module order."""
+    return [m for m in model.modules() if isinstance(m, ChunkedKasminaLayer)]
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+
+def seed_command(layer: ChunkedKasminaLayer, command: LayerCommand | Mapping[str, Any]) -> SeedCommand:
+    """The wire form of one of the layer's commands, decided on the controller's rank:
+    names become ids (blueprint kind, strategy, states) and a cancel/rollback/recycle
+    without ``from_state`` takes the seed's current state on this rank."""
+    if not isinstance(command, LayerCommand):
+        command = LayerCommand.from_mapping(command)
+    seed = command.seed_id
+    if command.type == "germinate":
+        strategy = command.strategy if isinstance(command.strategy, int) else GRAFTING_STRATEGY_NAMES.index(command.strategy)
+        return SeedCommand.germinate(seed, layer.blueprint_registry.resolve(command.blueprint), strategy)
+    context = dict(
+        command.context.performance_metrics if hasattr(command.context, "performance_metrics") else command.context or {}
+    )
+    if command.type == "transition":
+        return SeedCommand.transition(seed, resolve_state(command.from_state), resolve_state(command.to_state), context)
+    current = resolve_state(command.from_state) if command.from_state is not None else layer.state.lifecycle_state(seed)
+    build = {"cancel": SeedCommand.cancel, "rollback": SeedCommand.rollback, "recycle": SeedCommand.recycle}[command.type]
+    made = build(seed, current)
+    return SeedCommand(made.kind, seed, made.from_state, made.to_state, context=context)
+
+
+def _layer_command(cmd: SeedCommand) -> LayerCommand:
+    if cmd.kind == CommandKind.GERMINATE:
+        return LayerCommand("germinate", cmd.seed_id, blueprint=cmd.blueprint_id, strategy=cmd.strategy)
+    # TRANSITION, CANCEL, ROLLBACK and RECYCLE are explicit edges: the from_state the
+    # controller saw is checked (STALE_FROM_STATE if the seed moved meanwhile).
+    return LayerCommand(
+        "transition", cmd.seed_id, from_state=cmd.from_state, to_state=cmd.to_state, context=dict(cmd.context) or None
+    )
+
+
+def apply_layer_commands(layer: ChunkedKasminaLayer, batch: CommandBatch) -> list[TransitionResult]:
+    """Apply a broadcast batch to ``layer`` through ``process_lifecycle_command``, in
+    order, identically on every rank. A germination allocates its blueprint under a
+    forked RNG seeded with the command's ``init_seed``. Returns one result per command.
+    The context a transition is judged on is the layer's measured context overridden by
+    the command's, so call :func:`sync_layer_measurements` first."""
+    results = []
+    devices = [layer.alpha.device] if layer.alpha.device.type == "cuda" else []
+    for cmd in batch.to_commands():
+        if cmd.kind == CommandKind.GERMINATE:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(cmd.init_seed)
+                results.append(layer.process_lifecycle_command(_layer_command(cmd)))
+        else:
+            results.append(layer.process_lifecycle_command(_layer_command(cmd)))
+    return results
+
+
+# ---- measurements -----------------------------------------------------------------------
+
+# Rank-local measurement buffers of a ChunkedKasminaLayer and how they combine.
+_MEASUREMENTS = {
+    "_recon_sum": "sum",
+    "_recon_count": "sum",
+    "reported": "mean",
+    "chunk_mean": "mean",
+    "chunk_var": "mean",
+    "fault": "max",
+}
+
+
+def sync_layer_measurements(layers: ChunkedKasminaLayer | Iterable[ChunkedKasminaLayer], sync: LifecycleSync) -> None:
+    """All-reduce what each layer measured on its rank's data this epoch, in place, on
+    every rank: reconstruction-loss sums and counts (sum: the global mean over all
+    ranks' batches), reported metrics and idle-chunk mean/variance (mean; a metric one
+    rank did not report becomes NaN, so it fails guards rather than pass on one rank),
+    blueprint faults (any rank). Two collectives for all layers together."""
+    group = [layers] if isinstance(layers, ChunkedKasminaLayer) else list(layers)
+    if not sync.distributed or not group:
+        return
+    values: dict[str, Tensor] = {}
+    ops: dict[str, str] = {}
+    for i, layer in enumerate(group):
+        for name, op in _MEASUREMENTS.items():
+            buf = getattr(layer, name)
+            values[f"{i}.{name}"] = buf.float() if buf.dtype == torch.bool else buf
+            ops[f"{i}.{name}"] = op
+    reduced = sync.reduce_metrics(values, ops)
+    with torch.no_grad():
+        for i, layer in enumerate(group):
+            for name in _MEASUREMENTS:
+                buf = getattr(layer, name)
+                value = reduced[f"{i}.{name}"]
+                buf.copy_(value > 0 if buf.dtype == torch.bool else value)
+
+
+# ---- DDP --------------------------------------------------------------------------------
+
+
+def _settle(layer: ChunkedKasminaLayer) -> None:
+    """Make the layer decide now (not at its next forward) which blueprint parameters
+    train, so the signature below sees the final ``requires_grad`` flags."""
+    if layer._plan is None:
+        layer._build_plan()
+
+
+def _signature(model: nn.Module) -> tuple[tuple[str, tuple[int, ...], str, bool], ...]:
+    return tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters())
+
+
+class _WithAuxiliary(nn.Module):
+    """Returns ``(output, auxiliary losses)`` so DDP's graph walk (with
+    ``find_unused_parameters=True``) sees the blueprints that learn from reconstruction."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, list[Tensor]]:
+        out = self.model(*args, **kwargs)
+        return out, [layer.auxiliary_loss() for layer in kasmina_layers(self.model)]
+
+
+class KasminaDDP:
+    """``DistributedDataParallel`` for a model with ``ChunkedKasminaLayer`` s, rebuilt at
+    epoch boundaries when the trainable parameter set changes (module docs, step 5).
+
+    Call it like the model (``out = ddp(x)``); keep no reference to :attr:`module`'s
+    older wrappers. Without an initialised process group (or with one rank) it calls
+    the model directly, so a script runs unchanged in one process. ``ddp_kwargs`` go to
+    ``DistributedDataParallel`` (defaults: ``find_unused_parameters=False``, no
+    per-forward buffer broadcast).
+    """
+
+    def __init__(self, model: nn.Module, **ddp_kwargs: Any) -> None:
+        self.model = model
+        self.layers = kasmina_layers(model)
+        self.kwargs = {"find_unused_parameters": False, **ddp_kwargs}
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        if "broadcast_buffers" not in ddp_kwargs and "forward_sync_buffers" not in ddp_kwargs:
+            self.kwargs["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = False
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size(ddp_kwargs.get("process_group")) > 1
+        self.module: nn.Module | None = None
+        self._sig: tuple[Any, ...] | None = None
+        self.rebuilds = 0
+        self.refresh()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.module is None:
+            return self.model(*args, **kwargs)
+        out, _aux = self.module(*args, **kwargs)
+        return out
+
+    def refresh(self, optimizer: torch.optim.Optimizer | None = None, **group_options: Any) -> bool:
+        """At an epoch boundary (after the commands): bring ``optimizer`` (if given) in
+        line with every layer's blueprints, then rebuild the DDP wrapper if the set of
+        parameters, their shapes or ``requires_grad`` changed. Returns True on a rebuild."""
+        for layer in self.layers:
+            _settle(layer)
+            if optimizer is not None:
+                layer.sync_optimizer(optimizer, **group_options)
+        sig = _signature(self.model)
+        if sig == self._sig:
+            return False
+        self._sig = sig
+        if not self.active:
+            return False
+        kwargs = dict(self.kwargs)
+        if self.module is not None and "init_sync" in inspect.signature(DistributedDataParallel.__init__).parameters:
+            # Rebuilds find the ranks identical by construction; re-broadcasting rank 0's
+            # parameters and buffers (the whole lifecycle state) would cost a copy of it
+            # and hide a divergence that LifecycleSync.check_consistency should report.
+            kwargs.setdefault("init_sync", False)
+        self.module = None  # the old reducer (and its gradient hooks) goes first
+        try:
+            self.module = DistributedDataParallel(_WithAuxiliary(self.model), **kwargs)
+        except RuntimeError as exc:
+            raise DistributedSyncError(
+                f"rank {dist.get_rank()}: rebuilding DDP failed; ranks may hold different blueprint parameters "
+                f"(run LifecycleSync.check_consistency) ({exc})"
+            ) from exc
+        self.rebuilds += 1
+        return True
+
+
+# ---- checkpoints ------------------------------------------------------------------------
+
+
+def _layer_tensors(layer: ChunkedKasminaLayer) -> dict[str, Tensor]:
+    """Everything of the layer's state_dict but its ExtendedStateTensor (saved apart)."""
+    return {k: v for k, v in layer.state_dict().items() if not k.startswith("state.") and isinstance(v, Tensor)}
+
+
+def save_layer_checkpoint(
+    layer: ChunkedKasminaLayer,
+    manager: Any,
+    sync: LifecycleSync,
+    priority: str = "high",
+    metadata: Mapping[str, Any] | None = None,
+) -> str:
+    """Write the whole layer (lifecycle state, blueprint weights, strategy state, host
+    weights, telemetry) once per job — rank 0 through ``manager.save_layer_state`` —
+    then a barrier; returns the checkpoint id on every rank. Call on every rank at an
+    epoch boundary (after :func:`sync_layer_measurements`)."""
+    meta = {"world_size": sync.world_size, "boundary": sync.sequence, **dict(metadata or {})}
+    ident = torch.zeros(_ID_BYTES, dtype=torch.uint8)
+    failure = ""
+    if sync.rank == 0:
+        try:
+            checkpoint_id = manager.save_layer_state(layer.layer_id, layer.state, _layer_tensors(layer), priority, metadata=meta)
+            raw = checkpoint_id.encode()
+            if len(raw) >= _ID_BYTES:
+                raise ValueError(f"checkpoint id {checkpoint_id!r} is longer than {_ID_BYTES - 1} bytes")
+            ident[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        except Exception as exc:  # every rank must hear about it, not hang in the barrier
+            failure = f"{type(exc).__name__}: {exc}"
+            ident[0] = 0
+            ident[1:] = 255
+    if sync.distributed:
+        message = ident.to(sync.device)
+        sync._collective("checkpoint id broadcast", lambda: dist.broadcast(message, src=0, group=sync.group))
+        ident = message.cpu()
+        sync.barrier()
+    if ident[0] == 0:
+        raise DistributedSyncError(f"rank {sync.rank}: rank 0 failed to save the layer checkpoint: {failure or 'see rank 0'}")
+    return bytes(ident[ident != 0].tolist()).decode()
+
+
+def restore_layer_checkpoint(
+    layer: ChunkedKasminaLayer,
+    manager: Any,
+    checkpoint_id: str | None = None,
+    sync: LifecycleSync | None = None,
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_layer_checkpoint` (the newest
+    whole-layer checkpoint of the layer unless ``checkpoint_id``) into ``layer``, on any
+    world size: every rank reads the file (a filesystem all ranks share) and, with a
+    ``sync``, the ranks then prove they hold bitwise-identical layers. Blueprints are
+    allocated as the saved state requires (``layer.load_state_dict``); call
+    ``KasminaDDP.refresh(optimizer)`` afterwards. Returns the checkpoint's metadata (the
+    ``world_size`` it was written on, its ``boundary``, and what the caller added)."""
+    if checkpoint_id is None:
+        newest = [c for c in manager.list_checkpoints(layer_id=layer.layer_id, limit=None) if c.kind == "layer"]
+        if not newest:
+            raise FileNotFoundError(f"no whole-layer checkpoint of layer {layer.layer_id!r} in {manager.active_dir}")
+        checkpoint_id = newest[0].checkpoint_id
+    loaded = manager.restore_checkpoint(checkpoint_id, target_device=layer.alpha.device)
+    if loaded.get("kind") != "layer" or loaded.get("layer_id") != layer.layer_id:
+        raise ValueError(f"checkpoint {checkpoint_id!r} is not a whole-layer checkpoint of layer {layer.layer_id!r}")
+    full = {f"state.{k}": v for k, v in loaded["state"].items()}
+    full.update(loaded["blueprints"])
+    layer.load_state_dict(full)
+    if sync is not None:
+        sync.check_consistency(layer, what=f"layer {layer.layer_id!r} after restore")
+    return dict(loaded.get("metadata", {}))
