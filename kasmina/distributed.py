@@ -18,8 +18,9 @@ epoch boundaries, by commands. The protocol at every epoch boundary is:
 
 Wire format (int32 words): an 8-word header ``[magic, version, spec hash, boundary
 sequence, K total, K in this message, F, row width]`` followed by ``capacity`` rows of
-``7 + F`` words ``[kind, seed, from, to, blueprint, strategy, init seed, context
-bits...]``; the
+``9 + F`` words ``[kind, seed, from, to, blueprint, strategy, init seed, call, fields,
+context bits...]`` (``call`` groups the rows of one batched call, ``fields`` is the
+bitmask of context fields the command carries); the
 float32 context travels as its bit pattern (``view(int32)``), so NaN ("metric not
 supplied") and every value arrive bit for bit. Receivers must know a collective's size
 before it runs; a fixed-capacity padded buffer makes the common case one collective
@@ -71,12 +72,13 @@ _T = TypeVar("_T")
 _MAGIC = 0x4B534D43  # "KSMC"
 _WIRE_VERSION = 1
 _HEADER_WORDS = 8
-_FIXED_COLUMNS = 7
+_FIXED_COLUMNS = 9
 _SPEC_HASH32 = int(SPEC_SHA256[:7], 16)  # 28 bits: fits a positive int32
 _NUM_FIELDS = len(CONTEXT_FIELDS)
-_INT_FIELDS = ("kinds", "seed_ids", "from_states", "to_states", "blueprint_ids", "strategies", "init_seeds")
+_INT_FIELDS = ("kinds", "seed_ids", "from_states", "to_states", "blueprint_ids", "strategies", "init_seeds", "calls", "fields")
 _METRIC_OPS = ("mean", "sum", "max", "min")
 _INT32_MAX = 2**31 - 1
+_CALL_BASE = 1 << 30  # calls of commands without an explicit one (one call each)
 
 
 class DistributedSyncError(RuntimeError):
@@ -88,13 +90,20 @@ class RankDivergenceError(DistributedSyncError):
 
 
 class CommandKind(IntEnum):
-    """What a broadcast command asks a seed to do."""
+    """What a broadcast command asks a seed to do.
+
+    TRANSITION … RECYCLE are the layer's commands (``process_lifecycle_command``);
+    REQUEST is a row of a batched ``LifecycleManager.request_transitions`` call and
+    REPORT a row of ``ChunkedKasminaLayer.report_metrics`` — how a controller that acts
+    on the layer directly is recorded and replayed (:mod:`kasmina.distributed_layer`)."""
 
     TRANSITION = 0
     GERMINATE = 1
     CANCEL = 2
     ROLLBACK = 3
     RECYCLE = 4
+    REQUEST = 5
+    REPORT = 6
 
 
 # The state each kind moves to (TRANSITION names its own target).
@@ -123,6 +132,7 @@ class SeedCommand:
     ``from_state`` is the state the controller saw (optimistic concurrency: a seed that
     moved meanwhile answers STALE_FROM_STATE). ``context`` maps names of
     ``CONTEXT_FIELDS`` to numbers; fields left out are NaN (never let a guard pass).
+    ``call`` groups commands replayed as one batched call (-1: a call of its own).
     Build commands with the class methods rather than by hand.
     """
 
@@ -134,6 +144,7 @@ class SeedCommand:
     strategy: int = -1
     init_seed: int = 0
     context: Mapping[str, float] = field(default_factory=dict)
+    call: int = -1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", CommandKind(self.kind))
@@ -146,6 +157,8 @@ class SeedCommand:
             raise ValueError(f"seed_id={self.seed_id} must be >= 0")
         if not 0 <= int(self.init_seed) <= _INT32_MAX:
             raise ValueError(f"init_seed={self.init_seed} must be in 0..{_INT32_MAX}")
+        if not -1 <= int(self.call) <= _INT32_MAX:
+            raise ValueError(f"call={self.call} must be -1 or in 0..{_INT32_MAX}")
         unknown = sorted(set(self.context) - set(CONTEXT_FIELDS))
         if unknown:
             raise ValueError(f"unknown context field(s) {unknown}; known: {', '.join(CONTEXT_FIELDS)}")
@@ -178,6 +191,12 @@ class SeedCommand:
         )
 
     @classmethod
+    def report(cls, seed_id: int, state: int, metrics: Mapping[str, float], call: int = -1) -> SeedCommand:
+        """Tell the seed's layer ``metrics`` (context fields; NaN clears one), as
+        ``report_metrics`` does; ``state`` is the seed's current state (not checked)."""
+        return cls(CommandKind.REPORT, seed_id, state, state, context=dict(metrics), call=call)
+
+    @classmethod
     def cancel(cls, seed_id: int, from_state: int) -> SeedCommand:
         """Stop the seed (to CANCELLED)."""
         return cls(CommandKind.CANCEL, seed_id, from_state, _KIND_TARGET[CommandKind.CANCEL])
@@ -196,7 +215,7 @@ class SeedCommand:
 @dataclass(frozen=True)
 class CommandBatch:
     """K commands as tensors: ``kinds``, ``seed_ids``, ``from_states``, ``to_states``,
-    ``blueprint_ids``, ``strategies``, ``init_seeds`` (K,) int32 and ``context`` (K, F) float32 in
+    ``blueprint_ids``, ``strategies``, ``init_seeds``, ``calls``, ``fields`` (K,) int32 and ``context`` (K, F) float32 in
     ``CONTEXT_FIELDS`` order (NaN: not supplied). Command order is application order."""
 
     kinds: Tensor
@@ -206,6 +225,8 @@ class CommandBatch:
     blueprint_ids: Tensor
     strategies: Tensor
     init_seeds: Tensor
+    calls: Tensor
+    fields: Tensor
     context: Tensor
 
     def __post_init__(self) -> None:
@@ -227,7 +248,7 @@ class CommandBatch:
     def empty(cls) -> CommandBatch:
         """A batch of no commands."""
         z = torch.zeros(0, dtype=torch.int32)
-        return cls(z, z, z, z, z, z, z, torch.zeros(0, _NUM_FIELDS, dtype=torch.float32))
+        return cls(*[z] * len(_INT_FIELDS), context=torch.zeros(0, _NUM_FIELDS, dtype=torch.float32))
 
     @classmethod
     def from_commands(cls, commands: Iterable[SeedCommand]) -> CommandBatch:
@@ -239,7 +260,20 @@ class CommandBatch:
             if not isinstance(c, SeedCommand):
                 raise TypeError(f"command {i} is a {type(c).__name__}, not a SeedCommand")
         ints = torch.tensor(
-            [[int(c.kind), c.seed_id, c.from_state, c.to_state, c.blueprint_id, c.strategy, c.init_seed] for c in cmds],
+            [
+                [
+                    int(c.kind),
+                    c.seed_id,
+                    c.from_state,
+                    c.to_state,
+                    c.blueprint_id,
+                    c.strategy,
+                    c.init_seed,
+                    c.call if c.call >= 0 else _CALL_BASE + i,
+                    sum(1 << CONTEXT_FIELDS.index(n) for n in c.context),
+                ]
+                for i, c in enumerate(cmds)
+            ],
             dtype=torch.int64,
         )
         if int(ints.max()) > torch.iinfo(torch.int32).max:
@@ -251,14 +285,63 @@ class CommandBatch:
                 ctx[i, CONTEXT_FIELDS.index(name)] = float(value)
         return cls(*ints.unbind(1), context=ctx)
 
+    @classmethod
+    def build(
+        cls,
+        kind: CommandKind,
+        seed_ids: Tensor,
+        from_states: Tensor,
+        to_states: Tensor,
+        context: Tensor | None = None,
+        fields: int = 0,
+        call: int = 0,
+    ) -> CommandBatch:
+        """K rows of one ``kind`` and one ``call`` from tensors (no per-seed Python):
+        ``context`` (K, F) in ``CONTEXT_FIELDS`` order (None: all NaN) carrying the
+        fields in the ``fields`` bitmask."""
+        ids = seed_ids.detach().reshape(-1).to("cpu", torch.int64)
+        k = ids.shape[0]
+        if k and int(ids.min()) < 0:
+            raise ValueError(f"seed ids must be >= 0, got {int(ids.min())}")
+
+        def column(values: Tensor | int) -> Tensor:
+            return torch.as_tensor(values).detach().to("cpu", torch.int32).expand(k).contiguous()
+
+        ctx = torch.full((k, _NUM_FIELDS), float("nan")) if context is None else context.detach().to("cpu", torch.float32)
+        if ctx.shape != (k, _NUM_FIELDS):
+            raise ValueError(f"context must be ({k}, {_NUM_FIELDS}), got {tuple(ctx.shape)}")
+        minus = column(-1)
+        return cls(
+            column(int(kind)),
+            ids.to(torch.int32),
+            column(from_states),
+            column(to_states),
+            minus,
+            minus,
+            column(0),
+            column(call),
+            column(fields),
+            context=ctx.contiguous(),
+        )
+
+    @classmethod
+    def concat(cls, batches: Sequence[CommandBatch]) -> CommandBatch:
+        """The batches' commands one after the other."""
+        if not batches:
+            return cls.empty()
+        return cls(
+            *(torch.cat([getattr(b, n) for b in batches]) for n in _INT_FIELDS),
+            context=torch.cat([b.context for b in batches]),
+        )
+
     def to_commands(self) -> list[SeedCommand]:
         """The commands as objects (for APIs that take one command at a time)."""
         ints = torch.stack([getattr(self, n) for n in _INT_FIELDS], 1).tolist()
         ctx = self.context.tolist()
         out = []
-        for (kind, seed, frm, to, bp, strat, init), row in zip(ints, ctx, strict=True):
-            context = {n: v for n, v in zip(CONTEXT_FIELDS, row, strict=True) if v == v}  # v == v: not NaN
-            out.append(SeedCommand(CommandKind(kind), seed, frm, to, bp, strat, init, context))
+        for (kind, seed, frm, to, bp, strat, init, call, fields), row in zip(ints, ctx, strict=True):
+            context = {n: v for i, (n, v) in enumerate(zip(CONTEXT_FIELDS, row, strict=True)) if fields >> i & 1}
+            out.append(SeedCommand(CommandKind(kind), seed, frm, to, bp, strat, init, context, call))
         return out
 
     def select(self, mask: Tensor) -> CommandBatch:
@@ -568,6 +651,8 @@ def apply_commands(state: Any, batch: CommandBatch, policy: Any = None) -> Tenso
     blueprint and strategy with ``update_blueprint``. Returns the (K,) reason codes."""
     if len(batch) == 0:
         return torch.zeros(0, dtype=torch.int32)
+    if bool((batch.kinds == int(CommandKind.REPORT)).any()):
+        raise ValueError("REPORT commands carry metrics for a layer; apply them with kasmina.apply_layer_commands")
     device = state.state.device
     codes = state.apply_transitions(
         batch.seed_ids.to(device),

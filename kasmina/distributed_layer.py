@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ._generated.lifecycle_tables import GRAFTING_STRATEGY_NAMES
+from ._generated.lifecycle_tables import CONTEXT_FIELDS, GRAFTING_STRATEGY_NAMES, StateColumn
 from .distributed import CommandBatch, CommandKind, DistributedSyncError, LifecycleSync, SeedCommand
 from .layer import ChunkedKasminaLayer
 from .layer import LifecycleCommand as LayerCommand
@@ -61,8 +62,10 @@ from .manager import TransitionResult
 from .policy import resolve_state
 
 __all__ = [
+    "CommandRecorder",
     "KasminaDDP",
     "apply_layer_commands",
+    "controlled_step",
     "kasmina_layers",
     "restore_layer_checkpoint",
     "save_layer_checkpoint",
@@ -112,22 +115,189 @@ def _layer_command(cmd: SeedCommand) -> LayerCommand:
     )
 
 
-def apply_layer_commands(layer: ChunkedKasminaLayer, batch: CommandBatch) -> list[TransitionResult]:
-    """Apply a broadcast batch to ``layer`` through ``process_lifecycle_command``, in
-    order, identically on every rank. A germination allocates its blueprint under a
-    forked RNG seeded with the command's ``init_seed``. Returns one result per command.
-    The context a transition is judged on is the layer's measured context overridden by
-    the command's, so call :func:`sync_layer_measurements` first."""
-    results = []
-    devices = [layer.alpha.device] if layer.alpha.device.type == "cuda" else []
-    for cmd in batch.to_commands():
-        if cmd.kind == CommandKind.GERMINATE:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(cmd.init_seed)
-                results.append(layer.process_lifecycle_command(_layer_command(cmd)))
+def _rng_devices(layer: ChunkedKasminaLayer) -> list[torch.device]:
+    return [layer.alpha.device] if layer.alpha.device.type == "cuda" else []
+
+
+def _process(layer: ChunkedKasminaLayer, cmd: SeedCommand, run: Any = None) -> TransitionResult:
+    """Carry out one layer command; a germination under a forked RNG seeded with its
+    ``init_seed`` (so every rank allocates the same blueprint weights)."""
+    run = run or layer.process_lifecycle_command
+    command = _layer_command(cmd)
+    if cmd.kind != CommandKind.GERMINATE:
+        return run(command)
+    with torch.random.fork_rng(devices=_rng_devices(layer)):
+        torch.manual_seed(cmd.init_seed)
+        return run(command)
+
+
+def apply_layer_commands(layer: ChunkedKasminaLayer, batch: CommandBatch) -> Tensor:
+    """Apply a broadcast batch to ``layer`` in order, identically on every rank; returns
+    the (K,) int32 reason codes (``Reason.OK`` for reports).
+
+    Layer commands go through ``process_lifecycle_command`` one by one (a germination
+    allocates its blueprint under an RNG seeded with the command's ``init_seed``);
+    REQUEST rows of one call are one batched ``layer.lifecycle.request_transitions``
+    call, REPORT rows of one call one ``layer.report_metrics`` call — exactly as the
+    controller made them (:class:`CommandRecorder`). The context a layer command is
+    judged on is the layer's measured context overridden by the command's, so call
+    :func:`sync_layer_measurements` first."""
+    codes = torch.zeros(len(batch), dtype=torch.int32)
+    if not len(batch):
+        return codes
+    _, counts = torch.unique_consecutive(batch.calls, return_counts=True)
+    cmds = batch.to_commands()
+    start = 0
+    for n in counts.tolist():
+        rows = slice(start, start + n)
+        kinds = set(batch.kinds[rows].tolist())
+        if len(kinds) != 1:
+            raise ValueError(f"commands {start}..{start + n - 1} share a call but differ in kind: {sorted(kinds)}")
+        kind = CommandKind(kinds.pop())
+        if kind == CommandKind.REQUEST:
+            ids = batch.seed_ids[rows].long()
+            out = layer.lifecycle.request_transitions(ids, batch.from_states[rows], batch.to_states[rows], batch.context[rows])
+            codes[rows] = out.cpu()
+        elif kind == CommandKind.REPORT:
+            mask = int(batch.fields[start])
+            metrics = {f: batch.context[rows, i] for i, f in enumerate(CONTEXT_FIELDS) if mask >> i & 1}
+            layer.report_metrics(batch.seed_ids[rows].long(), **metrics)
         else:
-            results.append(layer.process_lifecycle_command(_layer_command(cmd)))
-    return results
+            for i in range(start, start + n):
+                codes[i] = int(_process(layer, cmds[i]).code)
+        start += n
+    return codes
+
+
+class CommandRecorder:
+    """Records, as commands, what a controller does to a layer on the controller's rank,
+    for the other ranks to replay with :func:`apply_layer_commands`.
+
+    Inside ``with CommandRecorder(layer) as rec:`` the layer works as usual (the
+    controller sees real results) while these entry points are also recorded, in call
+    order: ``layer.process_lifecycle_command`` (and ``germinate``/``transition``/
+    ``cancel``/``rollback``/``recycle``, which go through it; a germination gets an
+    ``init_seed`` and runs under it), ``layer.report_metrics`` (context fields only) and
+    ``layer.lifecycle.request_transitions``. A controller must change the layer through
+    these; anything else it changes is not replayed. ``rec.batch()`` is the recording.
+    """
+
+    def __init__(self, layer: ChunkedKasminaLayer) -> None:
+        self.layer = layer
+        self._parts: list[CommandBatch] = []
+        self._depth = 0
+
+    def batch(self) -> CommandBatch:
+        """Everything recorded, in order."""
+        return CommandBatch.concat(self._parts)
+
+    def __enter__(self) -> CommandRecorder:
+        layer, manager = self.layer, self.layer.lifecycle
+        process, report, request = layer.process_lifecycle_command, layer.report_metrics, manager.request_transitions
+
+        def recorded_process(command: LayerCommand | Mapping[str, Any]) -> TransitionResult:
+            if self._depth:
+                return process(command)
+            cmd = seed_command(layer, command)
+            self._record(CommandBatch.from_commands([replace(cmd, call=len(self._parts))]))
+            return self._nested(lambda: _process(layer, cmd, process) if cmd.kind == CommandKind.GERMINATE else process(command))
+
+        def recorded_report(seed_ids: Any, **metrics: Any) -> None:
+            if not self._depth:
+                self._record(_report_rows(layer, seed_ids, metrics, call=len(self._parts)))
+            self._nested(lambda: report(seed_ids, **metrics))
+
+        def recorded_request(seed_ids: Any, from_states: Any, to_states: Any, context: Any = None) -> Tensor:
+            if not self._depth:
+                self._record(_request_rows(layer, seed_ids, from_states, to_states, context, call=len(self._parts)))
+            return self._nested(lambda: request(seed_ids, from_states, to_states, context))
+
+        layer.__dict__["process_lifecycle_command"] = recorded_process
+        layer.__dict__["report_metrics"] = recorded_report
+        manager.__dict__["request_transitions"] = recorded_request
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.layer.__dict__.pop("process_lifecycle_command", None)
+        self.layer.__dict__.pop("report_metrics", None)
+        self.layer.lifecycle.__dict__.pop("request_transitions", None)
+
+    def _record(self, part: CommandBatch) -> None:
+        self._parts.append(part)
+
+    def _nested(self, fn: Any) -> Any:
+        self._depth += 1
+        try:
+            return fn()
+        finally:
+            self._depth -= 1
+
+
+def _ids(seed_ids: Any) -> Tensor:
+    ids = torch.as_tensor([seed_ids] if isinstance(seed_ids, int) else seed_ids).reshape(-1)
+    if ids.dtype.is_floating_point:
+        raise TypeError(f"seed ids must be integers, got {ids.dtype}")
+    return ids.to("cpu", torch.int64)
+
+
+def _states(values: Any, k: int) -> Tensor:
+    if isinstance(values, Tensor):
+        return values.detach().reshape(-1).to("cpu", torch.int32).expand(k)
+    if isinstance(values, (str, int)):
+        return torch.full((k,), resolve_state(values), dtype=torch.int32)
+    return torch.tensor([resolve_state(v) for v in values], dtype=torch.int32)
+
+
+def _request_rows(
+    layer: ChunkedKasminaLayer, seed_ids: Any, from_states: Any, to_states: Any, context: Any, call: int
+) -> CommandBatch:
+    ids = _ids(seed_ids)
+    k = ids.shape[0]
+    if context is None:
+        ctx, fields = None, 0
+    elif isinstance(context, Tensor):
+        ctx, fields = context.detach().to("cpu", torch.float32).reshape(k, len(CONTEXT_FIELDS)), (1 << len(CONTEXT_FIELDS)) - 1
+    else:
+        ctx, fields = _context_rows(dict(context), k)
+    return CommandBatch.build(CommandKind.REQUEST, ids, _states(from_states, k), _states(to_states, k), ctx, fields, call)
+
+
+def _report_rows(layer: ChunkedKasminaLayer, seed_ids: Any, metrics: Mapping[str, Any], call: int) -> CommandBatch:
+    ids = _ids(seed_ids)
+    ctx, fields = _context_rows(metrics, ids.shape[0])
+    current = layer.state.state[:, StateColumn.LIFECYCLE_STATE].cpu()[ids.clamp(0, layer.num_seeds - 1)]
+    return CommandBatch.build(CommandKind.REPORT, ids, current, current, ctx, fields, call)
+
+
+def _context_rows(metrics: Mapping[str, Any], k: int) -> tuple[Tensor, int]:
+    unknown = sorted(set(metrics) - set(CONTEXT_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"metric(s) {unknown} cannot be replayed on other ranks (commands carry the context fields "
+            f"{', '.join(CONTEXT_FIELDS)}); report them on every rank instead"
+        )
+    ctx = torch.full((k, len(CONTEXT_FIELDS)), float("nan"))
+    fields = 0
+    for name, value in metrics.items():
+        i = CONTEXT_FIELDS.index(name)
+        ctx[:, i] = torch.as_tensor(value, dtype=torch.float32).detach().cpu().expand(k)
+        fields |= 1 << i
+    return ctx, fields
+
+
+def controlled_step(layer: ChunkedKasminaLayer, sync: LifecycleSync, decide: Any) -> Any:
+    """Run a controller that acts on ``layer`` directly (``decide()``, e.g.
+    ``lambda: controller.step(epoch, val_loss, predictions, ablate)``) on the
+    controller's rank only, record what it did (:class:`CommandRecorder`), broadcast the
+    recording (one collective) and replay it on every other rank. Returns ``decide()``'s
+    result on the controller's rank and None elsewhere. Call on every rank."""
+    if sync.is_controller:
+        with CommandRecorder(layer) as recorder:
+            result = decide()
+        sync.broadcast_commands(recorder.batch())
+        return result
+    apply_layer_commands(layer, sync.broadcast_commands(None))
+    return None
 
 
 # ---- measurements -----------------------------------------------------------------------

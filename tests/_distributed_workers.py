@@ -168,7 +168,7 @@ def run_epochs(
         trace.broadcasts.append(counter.calls - before)
         trace.states.append(layer.state.state[:, StateColumn.LIFECYCLE_STATE].tolist())
         trace.alphas.append(layer.get_alpha().tolist())
-        trace.codes.append([int(r.code) for r in results])
+        trace.codes.append(results.tolist())
     trace.rebuilds += ddp.rebuilds
 
 

@@ -56,15 +56,17 @@ def _mixed_commands() -> list[SeedCommand]:
 def test_encode_decode_round_trip_is_bitwise(capacity: int) -> None:
     batch = CommandBatch.from_commands(_mixed_commands())
     message, rest = batch.encode(sequence=7, capacity=capacity)
-    assert message.dtype == torch.int32 and message.numel() == 8 + capacity * (7 + len(CONTEXT_FIELDS))
+    assert message.dtype == torch.int32 and message.numel() == 8 + capacity * (9 + len(CONTEXT_FIELDS))
     assert (rest is None) == (len(batch) <= capacity)
     assert CommandBatch.overflow_words(message) == (0 if rest is None else rest.numel())
     decoded = CommandBatch.decode(message, rest, sequence=7)
-    for name in ("kinds", "seed_ids", "from_states", "to_states", "blueprint_ids", "strategies", "init_seeds"):
+    for name in ("kinds", "seed_ids", "from_states", "to_states", "blueprint_ids", "strategies", "init_seeds", "calls", "fields"):
         assert torch.equal(getattr(decoded, name), getattr(batch, name)), name
     # The float context travels as its bit pattern: NaN (not supplied) and every value exact.
     assert torch.equal(decoded.context.view(torch.int32), batch.context.view(torch.int32))
-    assert decoded.to_commands() == batch.to_commands()
+    assert repr(decoded.to_commands()) == repr(batch.to_commands())  # repr: NaN == NaN
+    # A field given as NaN is carried as given (the fields bitmask), an absent one stays absent.
+    assert set(decoded.to_commands()[2].context) == {"performance_delta", "error_rate"}
 
 
 def test_commands_fill_targets_and_context_from_the_spec() -> None:
@@ -124,7 +126,7 @@ def test_bad_commands_are_rejected_with_the_value() -> None:
     with pytest.raises(TypeError, match="not a SeedCommand"):
         CommandBatch.from_commands([("germinate", 0)])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="context must be"):
-        CommandBatch(*[torch.zeros(1, dtype=torch.int32)] * 7, context=torch.zeros(1, 2))
+        CommandBatch(*[torch.zeros(1, dtype=torch.int32)] * 9, context=torch.zeros(1, 2))
 
 
 # ---- applying a batch ---------------------------------------------------------------------
