@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno as _errno
 import hashlib
+import json
 import operator
 import os
 import re
@@ -37,7 +38,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +94,9 @@ _PAYLOAD_EXTS = (".safetensors", ".pt")
 _RETAINED = ("low", "normal")  # priorities subject to retention
 _SETTLE_NS = 100_000_000  # a folder unchanged this long before a scan cannot hide a later change
 _INT32_MAX = 2**31 - 1
+_CACHE_FORMAT = "kasmina-checkpoint-index-cache/1"
+_CACHE_AFTER_PARSING = 256  # a refresh that had to read this many sidecars leaves a snapshot
+_INFO_FIELDS = tuple(f.name for f in fields(CheckpointInfo) if f.name != "location")
 _MAX_ID_ATTEMPTS = 1000
 _CHECKPOINT_COLUMN = int(StateColumn.CHECKPOINT_ID)
 _LIFECYCLE_COLUMN = int(StateColumn.LIFECYCLE_STATE)
@@ -187,16 +191,23 @@ def _device(target_device: Any) -> torch.device | None:
 class _SidecarIndex:
     """Cached sidecars of one folder. ``refresh`` costs one ``stat`` while the folder is
     unchanged; otherwise it lists the folder and parses only new or replaced sidecars
-    (compared by name and inode). Not thread-safe: the manager's lock guards it."""
+    (compared by name and inode: the manager always replaces a file by renaming a new one
+    over it). A cold start reuses the snapshot ``cache_file`` a previous refresh left for
+    every sidecar whose name and inode still match. A sidecar edited in place by another
+    tool may keep stale metadata in listings; restore and verify always re-read and check
+    it. Not thread-safe: the manager's lock guards it."""
 
-    def __init__(self, folder: Path, location: str) -> None:
+    def __init__(self, folder: Path, location: str, cache_file: Path | None = None) -> None:
         self.folder = folder
         self.location = location
+        self.cache_file = cache_file
+        self._cache_unused = cache_file is not None
         self._entries: dict[str, tuple[CheckpointInfo, int]] = {}
         self._by_key: dict[SeedKey, set[str]] = {}
         self.unreadable: dict[str, tuple[int, str]] = {}
         self._mtime_ns: int | None = None
         self._settled = False
+        self._sorted: list[CheckpointInfo] | None = None  # newest first, rebuilt after a change
 
     def refresh(self) -> None:
         mtime = os.stat(self.folder).st_mtime_ns
@@ -207,10 +218,18 @@ class _SidecarIndex:
         for checkpoint_id in [c for c in self._entries if f"{c}.json" not in seen]:
             self.remove(checkpoint_id)
         self.unreadable = {name: bad for name, bad in self.unreadable.items() if seen.get(name) == bad[0]}
+        cached = self._load_cache() if self._cache_unused else {}
+        self._cache_unused = False
+        parsed = 0
         for name, inode in seen.items():
             current = self._entries.get(name[:-5])
             if (current is not None and current[1] == inode) or name in self.unreadable:
                 continue
+            hit = cached.get(name)
+            if hit is not None and hit[0] == inode:
+                self.add(hit[1], inode)
+                continue
+            parsed += 1
             try:
                 self.add(self._read(self.folder / name), inode)
             except CheckpointError as exc:
@@ -219,6 +238,30 @@ class _SidecarIndex:
                 continue
         self._mtime_ns = mtime
         self._settled = started - mtime > _SETTLE_NS
+        if parsed >= _CACHE_AFTER_PARSING:
+            self._save_cache()
+
+    def _load_cache(self) -> dict[str, tuple[int, CheckpointInfo]]:
+        """The snapshot a previous manager left: {sidecar name: (inode, info)}. Used only
+        for sidecars whose name and inode still match; any problem means no snapshot."""
+        try:
+            body = json.loads(self.cache_file.read_bytes())  # type: ignore[union-attr]
+            if body.get("format") != _CACHE_FORMAT or body.get("fields") != list(_INFO_FIELDS):
+                return {}
+            return {name: (inode, CheckpointInfo(*values, self.location)) for name, inode, values in body["entries"]}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+
+    def _save_cache(self) -> None:
+        entries = [
+            [f"{info.checkpoint_id}.json", inode, [getattr(info, f) for f in _INFO_FIELDS]]
+            for info, inode in self._entries.values()
+        ]
+        body = {"format": _CACHE_FORMAT, "fields": list(_INFO_FIELDS), "entries": entries}
+        try:
+            atomic_write(self.cache_file, json.dumps(body, separators=(",", ":")).encode(), durable=False)  # type: ignore[arg-type]
+        except OSError as exc:  # only a cache: listing works without it
+            warnings.warn(f"could not write the checkpoint index cache {self.cache_file}: {exc}", RuntimeWarning, stacklevel=2)
 
     def _read(self, path: Path) -> CheckpointInfo:
         body = load_json(path.read_bytes(), path)
@@ -231,12 +274,14 @@ class _SidecarIndex:
 
     def add(self, info: CheckpointInfo, inode: int) -> None:
         self.remove(info.checkpoint_id)
+        self._sorted = None
         self._entries[info.checkpoint_id] = (info, inode)
         self._by_key.setdefault((info.layer_id, info.kind, info.seed_id), set()).add(info.checkpoint_id)
 
     def remove(self, checkpoint_id: str) -> None:
         entry = self._entries.pop(checkpoint_id, None)
         if entry is not None:
+            self._sorted = None
             info = entry[0]
             self._by_key.get((info.layer_id, info.kind, info.seed_id), set()).discard(checkpoint_id)
 
@@ -244,8 +289,11 @@ class _SidecarIndex:
         entry = self._entries.get(checkpoint_id)
         return None if entry is None else entry[0]
 
-    def all(self) -> Iterable[CheckpointInfo]:
-        return (info for info, _ in self._entries.values())
+    def newest_first(self) -> list[CheckpointInfo]:
+        """Every entry, newest first (cached until the next change)."""
+        if self._sorted is None:
+            self._sorted = _newest_first(info for info, _ in self._entries.values())
+        return self._sorted
 
     def for_key(self, key: SeedKey) -> list[CheckpointInfo]:
         return [self._entries[c][0] for c in self._by_key.get(key, ())]
@@ -280,11 +328,15 @@ class CheckpointManager:
         self.archive_dir = self.checkpoint_dir / "archive"
         self._make_folders()
         self._lock = threading.RLock()
-        self._active = _SidecarIndex(self.active_dir, "active")
+        self._active = _SidecarIndex(self.active_dir, "active", self.checkpoint_dir / ".index-cache-active.json")
         self._archive = _SidecarIndex(self.archive_dir, "archive")
         self._numbers: dict[SeedKey, int] = {}
-        self.cleaned_temp_files = clean_stale_temps(self.active_dir) + clean_stale_temps(self.archive_dir)
-        self._finish_interrupted_moves()
+        listing = {folder: [e.name for e in os.scandir(folder)] for folder in (self.active_dir, self.archive_dir)}
+        self.cleaned_temp_files = [
+            *clean_stale_temps(self.checkpoint_dir),
+            *(path for folder, names in listing.items() for path in clean_stale_temps(folder, names)),
+        ]
+        self._finish_interrupted_moves(set(listing[self.active_dir]), set(listing[self.archive_dir]))
 
     def __repr__(self) -> str:
         return (
@@ -512,17 +564,22 @@ class CheckpointManager:
         with self._lock:
             self._active.refresh()
             if layer_id is not None and seed_id is not None:
-                infos: Iterable[CheckpointInfo] = self._active.for_key((layer_id, "seed", seed_id))
+                candidates = _newest_first(self._active.for_key((layer_id, "seed", seed_id)))
             else:
-                infos = self._active.all()
-            found = [
-                i
-                for i in infos
-                if (layer_id is None or i.layer_id == layer_id)
-                and (seed_id is None or i.seed_id == seed_id)
-                and (state is None or i.lifecycle_state == state)
-            ]
-        return _newest_first(found)[:limit]
+                candidates = self._active.newest_first()
+        if layer_id is None and seed_id is None and state is None:
+            return candidates[:limit]
+        found = []
+        for info in candidates:
+            if (
+                (layer_id is None or info.layer_id == layer_id)
+                and (seed_id is None or info.seed_id == seed_id)
+                and (state is None or info.lifecycle_state == state)
+            ):
+                found.append(info)
+                if len(found) == limit:
+                    break
+        return found
 
     def get_latest_checkpoint(self, layer_id: str, seed_id: int) -> CheckpointInfo | None:
         """The newest listed checkpoint of a seed, or None."""
@@ -800,11 +857,9 @@ class CheckpointManager:
             fsync_dir(self.checkpoint_dir)
             fsync_dir(self.checkpoint_dir.parent)
 
-    def _finish_interrupted_moves(self) -> None:
+    def _finish_interrupted_moves(self, active: set[str], archived: set[str]) -> None:
         """Complete moves to ``archive/`` cut short by a crash (sidecar and payload in
         different folders). Only names of checkpoints are touched."""
-        active = {e.name for e in os.scandir(self.active_dir)}
-        archived = {e.name for e in os.scandir(self.archive_dir)}
         for name in archived:
             if name.endswith(".json") and not is_temp_name(name):
                 for ext in _PAYLOAD_EXTS:
@@ -897,11 +952,13 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def _fill_state(state_dict: Mapping[str, torch.Tensor], state: Any, cls: type, target_device: Any) -> Any:
-    if state is None:
-        num_seeds = int(state_dict["state"].shape[0])
-        state = cls(num_seeds, device=_device(target_device) or "cpu")
-    state.load_state_dict(dict(state_dict))
-    return state
+    if state is not None:
+        state.load_state_dict(dict(state_dict))  # copies into its buffers, on its device
+        return state
+    # a new one takes the loaded tensors as its buffers (no allocation, no copy)
+    fresh = cls(int(state_dict["state"].shape[0]), device="meta")
+    fresh.load_state_dict(dict(state_dict), assign=True)
+    return fresh
 
 
 def _remove_quietly(paths: Iterable[Path]) -> None:

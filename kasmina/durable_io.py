@@ -115,20 +115,22 @@ def atomic_write(path: Path, data: Buffer | Iterable[Buffer], *, durable: bool =
         fsync_dir(path.parent)
 
 
-def clean_stale_temps(folder: Path) -> list[Path]:
-    """Remove temp files in ``folder`` whose writer process no longer exists (left by a
-    crash). Files of live processes and every other file are left alone."""
+def clean_stale_temps(folder: Path, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove temp files in ``folder`` (listed by ``names``, or listed here) whose writer
+    process no longer exists (left by a crash). Files of live processes and every other
+    file are left alone."""
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(folder))
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        match = _TEMP_RE.match(entry.name)
+    if names is None:
+        try:
+            names = [entry.name for entry in os.scandir(folder)]
+        except FileNotFoundError:
+            return removed
+    for name in names:
+        match = _TEMP_RE.match(name)
         if match is None or _pid_alive(int(match["pid"])):
             continue
-        if _unlink_quietly(Path(entry.path)):
-            removed.append(Path(entry.path))
+        if _unlink_quietly(folder / name):
+            removed.append(folder / name)
     return removed
 
 

@@ -523,3 +523,26 @@ def test_errors_are_exported() -> None:
                  "CheckpointNotFoundError", "CheckpointWriteError", "UnsafeCheckpointError"):  # fmt: skip
         assert getattr(kasmina, name) is getattr(ckpt, name) and name in kasmina.__all__
     assert issubclass(kasmina.CheckpointCorruptError, kasmina.CheckpointError)
+
+
+def test_index_snapshot_speeds_up_a_cold_start_and_never_hides_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ckpt, "_CACHE_AFTER_PARSING", 2)
+    writer = CheckpointManager(tmp_path, durable=False)
+    ids = [writer.save_checkpoint("L", i, _state(i), priority="high") for i in range(4)]
+    CheckpointManager(tmp_path).list_checkpoints()  # a cold start reads 4 sidecars and leaves a snapshot
+    cache = tmp_path / ".index-cache-active.json"
+    assert cache.exists()
+    reads: list[str] = []
+    real_read = ckpt._SidecarIndex._read
+    monkeypatch.setattr(ckpt._SidecarIndex, "_read", lambda self, path: reads.append(path.name) or real_read(self, path))
+    assert [i.checkpoint_id for i in CheckpointManager(tmp_path).list_checkpoints()] == ids[::-1] and reads == []
+    # a sidecar replaced since the snapshot (a new file renamed over it) is read again; a deleted one is gone
+    sidecar = tmp_path / "active" / f"{ids[0]}.json"
+    replacement = tmp_path / "replacement.json"
+    replacement.write_bytes(sidecar.read_bytes())
+    os.replace(replacement, sidecar)
+    writer.delete_checkpoint(ids[1], archive=False)
+    listed = CheckpointManager(tmp_path).list_checkpoints()
+    assert [i.checkpoint_id for i in listed] == [ids[3], ids[2], ids[0]] and reads == [sidecar.name]
+    cache.write_text("{garbage")  # a broken snapshot is ignored
+    assert len(CheckpointManager(tmp_path).list_checkpoints()) == 3
