@@ -2,7 +2,7 @@
 
 ::
 
-    kasmina demo [--epochs N] [--seeds S] [--device D] [--seed K] [--out DIR] [--name NAME] [--resume RUN]
+    kasmina demo [--epochs N] [--seeds S] [--device D] [--seed K] [--out DIR] [--name NAME] [--resume RUN] [--nproc N]
     kasmina spec validate [FILE]
     kasmina spec diagram [--format mermaid|dot] [--spec FILE]
     kasmina ckpt ls|verify|migrate DIR
@@ -73,7 +73,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 out=Path(args.out),
                 name=args.name,
             )
-        result = run_demo(config, progress=not args.no_progress, resume=args.resume is not None)
+        if args.nproc > 1:
+            if args.resume is not None:
+                raise DemoError("--resume continues in one process; drop --nproc (a 2-rank run's checkpoints resume there)")
+            from .demo_distributed import run_demo_distributed
+
+            result = run_demo_distributed(config, args.nproc, progress=not args.no_progress)
+        else:
+            result = run_demo(config, progress=not args.no_progress, resume=args.resume is not None)
     except DemoError as exc:
         raise UserError(str(exc)) from exc
     return EXIT_OK if result.completed else EXIT_FAILURE
@@ -247,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--name", default=None, help="run name (default: derived from the options)")
     demo.add_argument("--resume", metavar="RUN", default=None, help="continue runs/<name> from its last layer checkpoint")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--nproc", type=_positive_int, default=1, help="processes (gloo ranks on CPU, DDP, torchrun-style) (default: %(default)s)"
+    )
     demo.set_defaults(func=_cmd_demo)
 
     spec = sub.add_parser("spec", help="validate or draw the lifecycle spec", description="Validate or draw the lifecycle spec.")
