@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno as _errno
 import hashlib
-import json
 import operator
 import os
 import re
@@ -38,7 +37,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +63,7 @@ from .checkpoint_format import (
     load_json,
     parse_sidecar,
 )
+from .checkpoint_index import SeedKey, SidecarIndex, newest_first
 from .checkpoint_v1 import V1_ID_RE, info_from_v1, load_v1, parse_v1_sidecar
 from .durable_io import atomic_write, clean_stale_temps, fsync_dir, is_temp_name, publish, write_temp
 
@@ -92,17 +92,11 @@ _SEED_ID_RE = re.compile(r"^(?P<layer>.+)_seed(?P<seed>\d+)_(?P<ms>\d+)_(?P<seq>
 _LAYER_CKPT_RE = re.compile(r"^(?P<layer>.+)_layer_(?P<ms>\d+)_(?P<seq>\d+)$")
 _PAYLOAD_EXTS = (".safetensors", ".pt")
 _RETAINED = ("low", "normal")  # priorities subject to retention
-_SETTLE_NS = 100_000_000  # a folder unchanged this long before a scan cannot hide a later change
 _INT32_MAX = 2**31 - 1
-_CACHE_FORMAT = "kasmina-checkpoint-index-cache/1"
-_CACHE_AFTER_PARSING = 256  # a refresh that had to read this many sidecars leaves a snapshot
-_INFO_FIELDS = tuple(f.name for f in fields(CheckpointInfo) if f.name != "location")
 _MAX_ID_ATTEMPTS = 1000
 _CHECKPOINT_COLUMN = int(StateColumn.CHECKPOINT_ID)
 _LIFECYCLE_COLUMN = int(StateColumn.LIFECYCLE_STATE)
 _SEED_ROW_PARTS = {"state": "row", "history": "history", "history_count": "history_count", "metrics": "metrics"}
-
-SeedKey = tuple[str, str, int | None]  # (layer_id, kind, seed_id)
 
 
 # ---- ids ---------------------------------------------------------------------------------
@@ -187,122 +181,6 @@ def _device(target_device: Any) -> torch.device | None:
         raise ValueError(f"target_device {target_device!r} is not a device: {exc}") from None
 
 
-# ---- metadata index ----------------------------------------------------------------------
-class _SidecarIndex:
-    """Cached sidecars of one folder. ``refresh`` costs one ``stat`` while the folder is
-    unchanged; otherwise it lists the folder and parses only new or replaced sidecars
-    (compared by name and inode: the manager always replaces a file by renaming a new one
-    over it). A cold start reuses the snapshot ``cache_file`` a previous refresh left for
-    every sidecar whose name and inode still match. A sidecar edited in place by another
-    tool may keep stale metadata in listings; restore and verify always re-read and check
-    it. Not thread-safe: the manager's lock guards it."""
-
-    def __init__(self, folder: Path, location: str, cache_file: Path | None = None) -> None:
-        self.folder = folder
-        self.location = location
-        self.cache_file = cache_file
-        self._cache_unused = cache_file is not None
-        self._entries: dict[str, tuple[CheckpointInfo, int]] = {}
-        self._by_key: dict[SeedKey, set[str]] = {}
-        self.unreadable: dict[str, tuple[int, str]] = {}
-        self._mtime_ns: int | None = None
-        self._settled = False
-        self._sorted: list[CheckpointInfo] | None = None  # newest first, rebuilt after a change
-
-    def refresh(self) -> None:
-        mtime = os.stat(self.folder).st_mtime_ns
-        if self._settled and mtime == self._mtime_ns:
-            return
-        started = time.time_ns()
-        seen = {e.name: e.inode() for e in os.scandir(self.folder) if e.name.endswith(".json") and not e.name.startswith(".")}
-        for checkpoint_id in [c for c in self._entries if f"{c}.json" not in seen]:
-            self.remove(checkpoint_id)
-        self.unreadable = {name: bad for name, bad in self.unreadable.items() if seen.get(name) == bad[0]}
-        cached = self._load_cache() if self._cache_unused else {}
-        self._cache_unused = False
-        parsed = 0
-        for name, inode in seen.items():
-            current = self._entries.get(name[:-5])
-            if (current is not None and current[1] == inode) or name in self.unreadable:
-                continue
-            hit = cached.get(name)
-            if hit is not None and hit[0] == inode:
-                self.add(hit[1], inode)
-                continue
-            parsed += 1
-            try:
-                self.add(self._read(self.folder / name), inode)
-            except CheckpointError as exc:
-                self.unreadable[name] = (inode, str(exc))
-            except FileNotFoundError:
-                continue
-        self._mtime_ns = mtime
-        self._settled = started - mtime > _SETTLE_NS
-        if parsed >= _CACHE_AFTER_PARSING:
-            self._save_cache()
-
-    def _load_cache(self) -> dict[str, tuple[int, CheckpointInfo]]:
-        """The snapshot a previous manager left: {sidecar name: (inode, info)}. Used only
-        for sidecars whose name and inode still match; any problem means no snapshot."""
-        try:
-            body = json.loads(self.cache_file.read_bytes())  # type: ignore[union-attr]
-            if body.get("format") != _CACHE_FORMAT or body.get("fields") != list(_INFO_FIELDS):
-                return {}
-            return {name: (inode, CheckpointInfo(*values, self.location)) for name, inode, values in body["entries"]}
-        except (OSError, ValueError, TypeError, AttributeError):
-            return {}
-
-    def _save_cache(self) -> None:
-        entries = [
-            [f"{info.checkpoint_id}.json", inode, [getattr(info, f) for f in _INFO_FIELDS]]
-            for info, inode in self._entries.values()
-        ]
-        body = {"format": _CACHE_FORMAT, "fields": list(_INFO_FIELDS), "entries": entries}
-        try:
-            atomic_write(self.cache_file, json.dumps(body, separators=(",", ":")).encode(), durable=False)  # type: ignore[arg-type]
-        except OSError as exc:  # only a cache: listing works without it
-            warnings.warn(f"could not write the checkpoint index cache {self.cache_file}: {exc}", RuntimeWarning, stacklevel=2)
-
-    def _read(self, path: Path) -> CheckpointInfo:
-        body = load_json(path.read_bytes(), path)
-        if is_v2_sidecar(body):
-            return parse_sidecar(body, path, location=self.location, strict=False)
-        return parse_v1_sidecar(body, path, location=self.location)
-
-    def invalidate(self) -> None:
-        self._settled = False
-
-    def add(self, info: CheckpointInfo, inode: int) -> None:
-        self.remove(info.checkpoint_id)
-        self._sorted = None
-        self._entries[info.checkpoint_id] = (info, inode)
-        self._by_key.setdefault((info.layer_id, info.kind, info.seed_id), set()).add(info.checkpoint_id)
-
-    def remove(self, checkpoint_id: str) -> None:
-        entry = self._entries.pop(checkpoint_id, None)
-        if entry is not None:
-            self._sorted = None
-            info = entry[0]
-            self._by_key.get((info.layer_id, info.kind, info.seed_id), set()).discard(checkpoint_id)
-
-    def get(self, checkpoint_id: str) -> CheckpointInfo | None:
-        entry = self._entries.get(checkpoint_id)
-        return None if entry is None else entry[0]
-
-    def newest_first(self) -> list[CheckpointInfo]:
-        """Every entry, newest first (cached until the next change)."""
-        if self._sorted is None:
-            self._sorted = _newest_first(info for info, _ in self._entries.values())
-        return self._sorted
-
-    def for_key(self, key: SeedKey) -> list[CheckpointInfo]:
-        return [self._entries[c][0] for c in self._by_key.get(key, ())]
-
-
-def _newest_first(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
-    return sorted(infos, key=lambda i: (i.sort_key, i.checkpoint_id), reverse=True)
-
-
 # ---- manager -----------------------------------------------------------------------------
 class CheckpointManager:
     """Saves, lists, verifies, restores, retires and migrates checkpoints in one folder.
@@ -328,8 +206,8 @@ class CheckpointManager:
         self.archive_dir = self.checkpoint_dir / "archive"
         self._make_folders()
         self._lock = threading.RLock()
-        self._active = _SidecarIndex(self.active_dir, "active", self.checkpoint_dir / ".index-cache-active.json")
-        self._archive = _SidecarIndex(self.archive_dir, "archive")
+        self._active = SidecarIndex(self.active_dir, "active", self.checkpoint_dir / ".index-cache-active.json")
+        self._archive = SidecarIndex(self.archive_dir, "archive")
         self._numbers: dict[SeedKey, int] = {}
         listing = {folder: [e.name for e in os.scandir(folder)] for folder in (self.active_dir, self.archive_dir)}
         self.cleaned_temp_files = [
@@ -495,7 +373,7 @@ class CheckpointManager:
     def _apply_retention(self, key: SeedKey) -> None:
         with self._lock:
             candidates = [i for i in self._active.for_key(key) if i.priority in _RETAINED and i.version == 2]
-            victims = _newest_first(candidates)[self.max_checkpoints_per_seed :]
+            victims = newest_first(candidates)[self.max_checkpoints_per_seed :]
         for info in victims:
             try:
                 self._move(info.checkpoint_id, info.payload_file, self.active_dir, self.archive_dir)
@@ -564,7 +442,7 @@ class CheckpointManager:
         with self._lock:
             self._active.refresh()
             if layer_id is not None and seed_id is not None:
-                candidates = _newest_first(self._active.for_key((layer_id, "seed", seed_id)))
+                candidates = newest_first(self._active.for_key((layer_id, "seed", seed_id)))
             else:
                 candidates = self._active.newest_first()
         if layer_id is None and seed_id is None and state is None:
@@ -600,7 +478,7 @@ class CheckpointManager:
                 index.refresh()
                 matches = [i for i in index.for_key(key) if i.number == number]
                 if matches:
-                    return _newest_first(matches)[0]
+                    return newest_first(matches)[0]
         return None
 
     # -- reading ---------------------------------------------------------------------------
@@ -698,7 +576,7 @@ class CheckpointManager:
         if checkpoint_id is None:
             with self._lock:
                 self._active.refresh()
-                newest = _newest_first(self._active.for_key((layer_id, "layer", None)))
+                newest = newest_first(self._active.for_key((layer_id, "layer", None)))
             if not newest:
                 raise CheckpointNotFoundError(f"no whole-layer checkpoint of layer {layer_id!r} in {self.active_dir}")
             checkpoint_id = newest[0].checkpoint_id

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import kasmina
 from kasmina import checkpoint as ckpt
+from kasmina import checkpoint_index as ckpt_index
 from kasmina.checkpoint import (
     CheckpointCorruptError,
     CheckpointManager,
@@ -497,10 +498,10 @@ def test_interrupted_archive_moves_are_finished_on_open(tmp_path: Path) -> None:
 
 
 def test_index_is_cached_and_follows_other_writers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ckpt, "_SETTLE_NS", 0)  # a folder counts as settled at once (no racy window in the test)
+    monkeypatch.setattr(ckpt_index, "_SETTLE_NS", 0)  # a folder counts as settled at once (no racy window in the test)
     reads: list[str] = []
-    real_read = ckpt._SidecarIndex._read
-    monkeypatch.setattr(ckpt._SidecarIndex, "_read", lambda self, path: reads.append(path.name) or real_read(self, path))
+    real_read = ckpt_index.SidecarIndex._read
+    monkeypatch.setattr(ckpt_index.SidecarIndex, "_read", lambda self, path: reads.append(path.name) or real_read(self, path))
     first, second = CheckpointManager(tmp_path), CheckpointManager(tmp_path)
     a = first.save_checkpoint("L", 0, _state(1))
     assert [i.checkpoint_id for i in first.list_checkpoints()] == [a] and reads == []  # own write: no re-read
@@ -526,15 +527,15 @@ def test_errors_are_exported() -> None:
 
 
 def test_index_snapshot_speeds_up_a_cold_start_and_never_hides_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ckpt, "_CACHE_AFTER_PARSING", 2)
+    monkeypatch.setattr(ckpt_index, "_CACHE_AFTER_PARSING", 2)
     writer = CheckpointManager(tmp_path, durable=False)
     ids = [writer.save_checkpoint("L", i, _state(i), priority="high") for i in range(4)]
     CheckpointManager(tmp_path).list_checkpoints()  # a cold start reads 4 sidecars and leaves a snapshot
     cache = tmp_path / ".index-cache-active.json"
     assert cache.exists()
     reads: list[str] = []
-    real_read = ckpt._SidecarIndex._read
-    monkeypatch.setattr(ckpt._SidecarIndex, "_read", lambda self, path: reads.append(path.name) or real_read(self, path))
+    real_read = ckpt_index.SidecarIndex._read
+    monkeypatch.setattr(ckpt_index.SidecarIndex, "_read", lambda self, path: reads.append(path.name) or real_read(self, path))
     assert [i.checkpoint_id for i in CheckpointManager(tmp_path).list_checkpoints()] == ids[::-1] and reads == []
     # a sidecar replaced since the snapshot (a new file renamed over it) is read again; a deleted one is gone
     sidecar = tmp_path / "active" / f"{ids[0]}.json"
