@@ -23,6 +23,10 @@ every rank, in this order::
    ``layer.process_lifecycle_command`` in order; a germination initialises its
    blueprint's parameters from the command's ``init_seed`` (a forked RNG, the ranks'
    own RNG streams untouched), so new blueprints are bitwise identical on every rank.
+   A controller that acts on the layer itself (like :class:`~kasmina.controller.SeedController`)
+   replaces steps 3-4 with :func:`controlled_step`: it runs on the controller's rank
+   inside a :class:`CommandRecorder`, and its recorded actions are broadcast and
+   replayed on the other ranks.
 5. :class:`KasminaDDP` — **what a user must do when the parameter set changes**:
    germination allocates parameters, recycling frees them and a state change freezes or
    unfreezes them (``requires_grad``). DDP fixes its parameter list when it is built,
@@ -56,6 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ._generated.lifecycle_tables import CONTEXT_FIELDS, GRAFTING_STRATEGY_NAMES, StateColumn
 from .distributed import CommandBatch, CommandKind, DistributedSyncError, LifecycleSync, SeedCommand
+from .grafting import strategy_class
 from .layer import ChunkedKasminaLayer
 from .layer import LifecycleCommand as LayerCommand
 from .manager import TransitionResult
@@ -92,7 +97,7 @@ def seed_command(layer: ChunkedKasminaLayer, command: LayerCommand | Mapping[str
         command = LayerCommand.from_mapping(command)
     seed = command.seed_id
     if command.type == "germinate":
-        strategy = command.strategy if isinstance(command.strategy, int) else GRAFTING_STRATEGY_NAMES.index(command.strategy)
+        strategy = GRAFTING_STRATEGY_NAMES.index(strategy_class(command.strategy).name)  # as the layer resolves it
         return SeedCommand.germinate(seed, layer.blueprint_registry.resolve(command.blueprint), strategy)
     context = dict(
         command.context.performance_metrics if hasattr(command.context, "performance_metrics") else command.context or {}
