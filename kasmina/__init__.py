@@ -16,6 +16,7 @@ from .checkpoint import (
     CheckpointWriteError,
     UnsafeCheckpointError,
 )
+from .controller import ControllerConfig, SeedController
 from .distributed import (
     CommandBatch,
     CommandKind,
@@ -31,6 +32,7 @@ from .distributed_layer import (
     save_layer_checkpoint,
     sync_layer_measurements,
 )
+from .flags import FeatureFlagError, FeatureFlags
 from .grafting import (
     AdaptiveGrafting,
     DriftControlledGrafting,
@@ -44,6 +46,7 @@ from .lifecycle import CONTEXT_FIELDS, ExtendedLifecycle, Reason, StateTransitio
 from .manager import LifecycleManager, TransitionResult
 from .policy import LifecyclePolicy
 from .state import ExtendedStateTensor
+from .telemetry import ExtendedTelemetry
 
 __version__ = "0.1.0"
 
@@ -59,10 +62,14 @@ __all__ = [
     "CheckpointWriteError",
     "CommandBatch",
     "CommandKind",
+    "ControllerConfig",
     "DistributedSyncError",
     "DriftControlledGrafting",
     "ExtendedLifecycle",
     "ExtendedStateTensor",
+    "ExtendedTelemetry",
+    "FeatureFlagError",
+    "FeatureFlags",
     "GraftingContext",
     "GraftingStrategyBase",
     "KasminaDDP",
@@ -74,6 +81,7 @@ __all__ = [
     "RankDivergenceError",
     "Reason",
     "SeedCommand",
+    "SeedController",
     "StabilityGrafting",
     "StaleExtensionError",
     "StateTransition",

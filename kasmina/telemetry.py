@@ -82,7 +82,7 @@ class ExtendedTelemetry:
         return delta / elapsed
 
     def _checkpoint_count(self) -> int:
-        manager = getattr(self.layer, "checkpoint_manager", None)
+        manager = None if self.layer is None else self.layer.lifecycle.checkpoint_manager
         return 0 if manager is None else int(manager.get_checkpoint_count())
 
     def _get_grafting_metrics(self) -> dict[str, float | int]:
@@ -103,8 +103,7 @@ class ExtendedTelemetry:
     def _alpha(self) -> Tensor | None:
         if self.layer is None:
             return None
-        alpha = self.layer.alpha()
-        return alpha.detach() if isinstance(alpha, Tensor) else None
+        return self.layer.get_alpha().detach()
 
     def _get_error_distribution(self) -> dict[str, Any]:
         states = self.state.state[:, StateColumn.LIFECYCLE_STATE].long()

@@ -85,8 +85,7 @@ def test_rollout_bucket_is_sha256_and_stable_across_processes():
     here = [rollout_bucket(i) for i in ids]
     assert here == [int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") % 100 for i in ids]
     code = (
-        "import sys, json; from kasmina.flags import rollout_bucket; "
-        "print(json.dumps([rollout_bucket(i) for i in sys.argv[1:]]))"
+        "import sys, json; from kasmina.flags import rollout_bucket; print(json.dumps([rollout_bucket(i) for i in sys.argv[1:]]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, *ids],
