@@ -58,11 +58,11 @@ def _measure(sync: LifecycleSync, n: int, repeats: int) -> dict[str, Stats | int
     ref_tensor = torch.empty((state.metrics.numel() * 4 + message_bytes) // 4, dtype=torch.float32).uniform_()
 
     def boundary() -> None:
-        sync.reduce_metrics({"metrics": state.metrics})
+        sync.reduce_metrics({"metrics": state.metrics}, inplace=True)
         apply_commands(state, sync.broadcast_commands(batch))
 
     def reduce_only() -> None:
-        sync.reduce_metrics({"metrics": state.metrics})
+        sync.reduce_metrics({"metrics": state.metrics}, inplace=True)
 
     def broadcast_only() -> None:
         apply_commands(state, sync.broadcast_commands(batch))
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             spread=boundary.spread,
         )
     report.note(
-        f"boundary = all_reduce of the (N, 4) float32 metrics + one broadcast of {COMMANDS_PER_BOUNDARY} commands "
+        f"boundary = all_reduce (in place) of the (N, 4) float32 metrics + one broadcast of {COMMANDS_PER_BOUNDARY} commands "
         "(padded 256-command message) + apply_commands on the ExtendedStateTensor; ratio = boundary / bare all_reduce "
         "of the same bytes on the same gloo group."
     )

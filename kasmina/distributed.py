@@ -501,13 +501,18 @@ class LifecycleSync:
             ) from exc
 
     # ---- metrics ------------------------------------------------------------------
-    def reduce_metrics(self, metrics: Mapping[str, Tensor | float], ops: str | Mapping[str, str] = "mean") -> dict[str, Tensor]:
+    def reduce_metrics(
+        self, metrics: Mapping[str, Tensor | float], ops: str | Mapping[str, str] = "mean", *, inplace: bool = False
+    ) -> dict[str, Tensor]:
         """All-reduce named metric tensors across ranks (call on every rank, same names
         and shapes). ``ops`` is ``mean``/``sum``/``max``/``min`` for all, or per name.
         All sums and means travel in one packed ``all_reduce``; max and min share a
         second one only when asked for. NaN (a metric not measured) stays NaN through
-        mean and sum. Results have each input's dtype and device and are identical on
-        every rank."""
+        mean and sum. Results are identical on every rank.
+
+        ``inplace=True`` writes the results into the given tensors and returns them (a
+        single contiguous floating tensor on the collective's device is reduced where it
+        lies, with no copy); otherwise new tensors of each input's dtype and device."""
         names = list(metrics)
         op_of = {n: (ops if isinstance(ops, str) else ops.get(n, "mean")) for n in names}
         bad = {n: o for n, o in op_of.items() if o not in _METRIC_OPS}
@@ -521,34 +526,42 @@ class LifecycleSync:
         for n, v in values.items():
             if v.is_complex():
                 raise TypeError(f"metric {n!r}: complex tensors cannot be reduced")
+            if inplace and not isinstance(metrics[n], Tensor):
+                raise TypeError(f"metric {n!r}: inplace=True needs tensors, got {type(metrics[n]).__name__}")
         if not self.distributed:
-            return {n: v.clone() for n, v in values.items()}
+            return values if inplace else {n: v.clone() for n, v in values.items()}
         out: dict[str, Tensor] = {}
         additive = [n for n in names if op_of[n] in ("mean", "sum")]
         extreme = [n for n in names if op_of[n] in ("max", "min")]
         if additive:
-            out.update(self._packed_all_reduce(additive, values, op_of, dist.ReduceOp.SUM))
+            out.update(self._packed_all_reduce(additive, values, op_of, dist.ReduceOp.SUM, inplace))
         if extreme:
-            out.update(self._packed_all_reduce(extreme, values, op_of, dist.ReduceOp.MAX))
-        return {n: out[n].to(values[n].dtype).to(values[n].device) for n in names}
+            out.update(self._packed_all_reduce(extreme, values, op_of, dist.ReduceOp.MAX, inplace))
+        return {n: out[n] if inplace else out[n].to(values[n].dtype).to(values[n].device) for n in names}
 
     def _packed_all_reduce(
-        self, names: list[str], values: Mapping[str, Tensor], op_of: Mapping[str, str], op: Any
+        self, names: list[str], values: Mapping[str, Tensor], op_of: Mapping[str, str], op: Any, inplace: bool
     ) -> dict[str, Tensor]:
         """One all_reduce of ``names`` packed in a persistent buffer (gloo reduces into
-        fresh memory markedly slower); min travels negated through MAX, mean is divided
-        in place; each result is one copy out of the buffer."""
+        fresh memory markedly slower), or of the single tensor itself when reducing in
+        place; min travels negated through MAX, mean is divided in place."""
         dtype = torch.float32
         for n in names:
             dtype = torch.promote_types(dtype, values[n].dtype)
         sizes = [values[n].numel() for n in names]
-        key = (str(op), dtype, sum(sizes))
-        buffer = self._buffers.get(key)
-        if buffer is None:
-            buffer = self._buffers[key] = torch.empty(sum(sizes), dtype=dtype, device=self.device)
+        only = values[names[0]]
+        direct = inplace and len(names) == 1 and only.is_contiguous() and only.dtype == dtype and only.device == self.device
+        if direct:
+            buffer = only.view(-1)
+        else:
+            key = (str(op), dtype, sum(sizes))
+            buffer = self._buffers.get(key)
+            if buffer is None:
+                buffer = self._buffers[key] = torch.empty(sum(sizes), dtype=dtype, device=self.device)
         parts = dict(zip(names, buffer.split(sizes), strict=True))
         for n, part in parts.items():
-            part.copy_(values[n].reshape(-1))
+            if not direct:
+                part.copy_(values[n].reshape(-1))
             if op_of[n] == "min":
                 part.neg_()
         self._collective(f"all_reduce of metrics {names}", lambda: dist.all_reduce(buffer, op=op, group=self.group))
@@ -557,6 +570,11 @@ class LifecycleSync:
                 part.neg_()
             elif op_of[n] == "mean":
                 part.div_(self.world_size)
+        if inplace:
+            if not direct:
+                for n, part in parts.items():
+                    values[n].copy_(part.reshape(values[n].shape))
+            return {n: values[n] for n in names}
         return {n: part.reshape(values[n].shape).clone() for n, part in parts.items()}
 
     # ---- commands -----------------------------------------------------------------

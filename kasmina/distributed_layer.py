@@ -331,16 +331,10 @@ def sync_layer_measurements(layers: ChunkedKasminaLayer | Iterable[ChunkedKasmin
     ops: dict[str, str] = {}
     for i, layer in enumerate(group):
         for name, op in _MEASUREMENTS.items():
-            buf = getattr(layer, name)
-            values[f"{i}.{name}"] = buf.float() if buf.dtype == torch.bool else buf
+            values[f"{i}.{name}"] = getattr(layer, name)
             ops[f"{i}.{name}"] = op
-    reduced = sync.reduce_metrics(values, ops)
     with torch.no_grad():
-        for i, layer in enumerate(group):
-            for name in _MEASUREMENTS:
-                buf = getattr(layer, name)
-                value = reduced[f"{i}.{name}"]
-                buf.copy_(value > 0 if buf.dtype == torch.bool else value)
+        sync.reduce_metrics(values, ops, inplace=True)
 
 
 # ---- DDP --------------------------------------------------------------------------------

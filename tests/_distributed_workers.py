@@ -224,5 +224,36 @@ def failing_run(rank: int, mode: str) -> None:
         ddp.refresh(opt)
 
 
-def rank_and_world(rank: int) -> tuple[int, int]:
-    return rank, dist.get_world_size()
+def collectives_probe(rank: int) -> dict[str, Any]:
+    """LifecycleSync's collectives on rank-specific inputs (returned for pytest)."""
+    from kasmina.distributed import RankDivergenceError
+
+    sync = LifecycleSync()
+    r = float(rank)
+    reduced = sync.reduce_metrics(
+        {
+            "mean": torch.tensor([r, 2.0, float("nan")]),
+            "sum": torch.tensor([1 + rank], dtype=torch.int32),
+            "max": torch.tensor([r, -r]),
+            "min": torch.tensor([r, -r]),
+        },
+        {"mean": "mean", "sum": "sum", "max": "max", "min": "min"},
+    )
+    direct = torch.full((4,), 10.0 * rank)
+    same = sync.reduce_metrics({"m": direct}, inplace=True)["m"]
+    flags = torch.tensor([rank == 1, False])
+    sync.reduce_metrics({"f": flags, "c": torch.tensor([rank])}, {"f": "max", "c": "sum"}, inplace=True)
+    try:
+        sync.check_consistency({"same": torch.ones(3), "differs": torch.tensor([rank])})
+        divergence = ""
+    except RankDivergenceError as exc:
+        divergence = str(exc)
+    return {
+        "reduced": {k: v.tolist() for k, v in reduced.items()},
+        "dtypes": {k: str(v.dtype) for k, v in reduced.items()},
+        "inplace_is_same_tensor": same is direct,
+        "direct": direct.tolist(),
+        "flags": flags.tolist(),
+        "divergence": divergence,
+        "world": (rank, dist.get_world_size()),
+    }

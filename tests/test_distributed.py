@@ -262,13 +262,29 @@ def test_a_lost_rank_fails_the_others_with_a_clear_error(mode: str) -> None:
     assert "rank 0: exit code 1: DistributedSyncError" in str(info.value)
 
 
-def test_launch_reports_every_rank_and_rejects_bad_arguments() -> None:
+def test_collectives_reduce_metrics_and_detect_divergence_across_two_ranks() -> None:
     w = _workers()
-    assert launch(w.rank_and_world, 2, **FAST) == [(0, 2), (1, 2)]
+    r0, r1 = launch(w.collectives_probe, 2, **FAST)
+    assert (r0["world"], r1["world"]) == ((0, 2), (1, 2))
+    assert repr(r0["reduced"]) == repr(r1["reduced"])  # identical on both ranks (NaN included)
+    got = r0["reduced"]
+    assert got["mean"][:2] == [0.5, 2.0] and math.isnan(got["mean"][2])  # a NaN on any rank stays NaN
+    assert got["sum"] == [3] and r0["dtypes"]["sum"] == "torch.int32"
+    assert got["max"] == [1.0, 0.0] and got["min"] == [0.0, -1.0]
+    assert r0["inplace_is_same_tensor"] and r0["direct"] == r1["direct"] == [5.0] * 4
+    assert r0["flags"] == r1["flags"] == [True, False]
+    for r in (r0, r1):
+        assert "ranks [1] disagree with rank 0 on 1 tensor(s): differs" in r["divergence"]
+
+
+def test_launch_rejects_bad_arguments() -> None:
+    w = _workers()
     with pytest.raises(ValueError, match="nproc=0"):
-        launch(w.rank_and_world, 0)
+        launch(w.collectives_probe, 0)
     with pytest.raises(ValueError, match="backend='mpi'"):
-        launch(w.rank_and_world, 1, backend="mpi")
+        launch(w.collectives_probe, 1, backend="mpi")
+    with pytest.raises(ValueError, match="start_method='thread'"):
+        launch(w.collectives_probe, 1, start_method="thread")
 
 
 def test_a_recorded_controller_replays_bitwise_on_a_twin_layer() -> None:
