@@ -355,13 +355,14 @@ class _WithAuxiliary(nn.Module):
     """Returns ``(output, auxiliary losses)`` so DDP's graph walk (with
     ``find_unused_parameters=True``) sees the blueprints that learn from reconstruction."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, layers: list[ChunkedKasminaLayer]) -> None:
         super().__init__()
         self.model = model
+        self._layers = tuple(layers)  # a tuple: not registered twice as submodules
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, list[Tensor]]:
         out = self.model(*args, **kwargs)
-        return out, [layer.auxiliary_loss() for layer in kasmina_layers(self.model)]
+        return out, [layer.auxiliary_loss() for layer in self._layers]
 
 
 class KasminaDDP:
@@ -416,7 +417,7 @@ class KasminaDDP:
             kwargs.setdefault("init_sync", False)
         self.module = None  # the old reducer (and its gradient hooks) goes first
         try:
-            self.module = DistributedDataParallel(_WithAuxiliary(self.model), **kwargs)
+            self.module = DistributedDataParallel(_WithAuxiliary(self.model, self.layers), **kwargs)
         except RuntimeError as exc:
             raise DistributedSyncError(
                 f"rank {dist.get_rank()}: rebuilding DDP failed; ranks may hold different blueprint parameters "
