@@ -7,7 +7,8 @@ keys, each computed with a few batched tensor ops over all seeds (no loop over s
     ``{state name: number of seeds}`` for all 11 states (the ``state_summary`` op).
 ``transition_rate``
     Transitions committed since the previous collection, per lifecycle epoch elapsed
-    (per collection when no epoch is given), read from the history write counters.
+    (epochs count from 0, so a first collection at epoch ``e`` covers ``e + 1`` epochs;
+    per collection when no epoch is given), read from the history write counters.
 ``checkpoint_count``
     Checkpoints the layer's :class:`~kasmina.CheckpointManager` holds (0 without one).
 ``grafting_progress``
@@ -74,7 +75,7 @@ class ExtendedTelemetry:
         if epoch is None:
             elapsed = 1
         else:
-            elapsed = epoch - self._last_epoch if self._last_epoch is not None else 1
+            elapsed = epoch - (self._last_epoch if self._last_epoch is not None else -1)
             if elapsed <= 0:
                 raise ValueError(f"epoch {epoch} does not advance past the previous collection's epoch {self._last_epoch}")
             self._last_epoch = epoch

@@ -172,3 +172,67 @@ def test_console_script_subprocess_smoke():
     bad = subprocess.run([*command, "spec", "diagram", "--format", "png"], capture_output=True, text=True, env=env, check=False)
     assert bad.returncode == 2
     assert_one_line_error(bad.stderr, "invalid choice: 'png'")
+
+
+def _v1_checkpoint(folder: Path, layer: str, seed: int, ms: int) -> str:
+    """A v1 checkpoint as the original implementation wrote it (REFERENCE part A)."""
+    checkpoint_id = f"{layer}_{seed}_{ms}"
+    data = {
+        "version": 1,
+        "checkpoint_id": checkpoint_id,
+        "layer_id": layer,
+        "seed_id": seed,
+        "timestamp": ms / 1000,
+        "priority": "normal",
+        "state_data": {"state": 2, "epochs": torch.tensor([3], dtype=torch.int32)},
+        "blueprint_state": {"weight": torch.ones(2, 2)},
+        "metadata": {},
+    }
+    torch.save(data, folder / f"{checkpoint_id}.pt")
+    side = {
+        "checkpoint_id": checkpoint_id,
+        "layer_id": layer,
+        "seed_id": seed,
+        "timestamp": ms / 1000,
+        "priority": "normal",
+        "lifecycle_state": 2,
+        "file_size": (folder / f"{checkpoint_id}.pt").stat().st_size,
+    }
+    (folder / f"{checkpoint_id}.json").write_text(json.dumps(side))
+    return checkpoint_id
+
+
+def test_ckpt_ls_verify_and_migrate(capsys, tmp_path):
+    from kasmina.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, durable=False)
+    good = manager.save_checkpoint("enc", 0, {"lifecycle_state": 2, "x": torch.arange(4)})
+    bad = manager.save_checkpoint("enc", 1, {"lifecycle_state": 3, "x": torch.arange(4)})
+    v1 = _v1_checkpoint(tmp_path / "active", "enc", 2, 1706115234567)
+
+    code, out, _ = run(capsys, "ckpt", "ls", str(tmp_path))
+    assert code == 0
+    rows = out.strip().splitlines()
+    assert rows[0].split("\t")[0] == "checkpoint_id" and len(rows) == 4
+    assert {r.split("\t")[0] for r in rows[1:]} == {good, bad, v1}
+    code, out, _ = run(capsys, "ckpt", "ls", str(tmp_path), "--seed-id", "0", "--layer", "enc")
+    assert code == 0 and len(out.strip().splitlines()) == 2 and good in out
+
+    code, out, err = run(capsys, "ckpt", "verify", str(tmp_path))
+    assert code == 0 and "3 ok, 0 failed" in err
+    payload = tmp_path / "active" / f"{bad}.safetensors"
+    data = bytearray(payload.read_bytes())
+    data[-1] ^= 0x01
+    payload.write_bytes(bytes(data))
+    code, out, err = run(capsys, "ckpt", "verify", str(tmp_path))
+    assert code == 1 and f"FAIL {bad}" in out and f"ok   {good}" in out and "2 ok, 1 failed" in err
+    code, out, _ = run(capsys, "ckpt", "verify", str(tmp_path), good)
+    assert code == 0 and out.strip() == f"ok   {good}"
+
+    code, out, err = run(capsys, "ckpt", "migrate", str(tmp_path))
+    assert code == 0 and f"migrated {v1}.pt -> {v1}" in out and "1 migrated, 0 failed" in err
+    assert (tmp_path / "active" / f"{v1}.safetensors").exists() and (tmp_path / "active" / f"{v1}.pt.bak").exists()
+    restored = CheckpointManager(tmp_path).restore_checkpoint(v1)
+    assert restored["source_version"] == 2 and torch.equal(restored["blueprint_state"]["weight"], torch.ones(2, 2))
+    code, _, err = run(capsys, "ckpt", "migrate", str(tmp_path))
+    assert code == 0 and "0 migrated, 0 failed" in err

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kasmina.flags import FeatureFlagError, FeatureFlags, rollout_bucket
 
@@ -127,3 +128,32 @@ def test_adaptive_grafting_switch():
         off.check_strategy("bogus")
     with pytest.raises(FeatureFlagError, match="unknown grafting strategy id 99"):
         off.check_strategy(99)
+
+
+def test_wrap_disabled_is_the_host_itself_and_enabled_is_a_seeded_layer(tmp_path):
+    from torch import nn
+
+    from kasmina.layer import ChunkedKasminaLayer
+
+    host = nn.Linear(6, 4)
+    ids = [f"block{i}" for i in range(40)]
+    half = FeatureFlags(enabled=True, rollout_percentage=50)
+    for layer_id in ids:
+        wrapped = half.wrap(host, layer_id, num_seeds=2)
+        if rollout_bucket(layer_id) < 50:
+            assert isinstance(wrapped, ChunkedKasminaLayer) and wrapped.base_layer is host
+            assert wrapped.layer_id == layer_id
+        else:
+            assert wrapped is host  # an exact pass-through: the very same module
+    assert FeatureFlags().wrap(host, "block0", num_seeds=2) is host
+
+    everyone = FeatureFlags(enabled=True, rollout_percentage=100)
+    layer = everyone.wrap(host, "enc", num_seeds=2, checkpoint_dir=tmp_path / "ck")
+    assert layer.lifecycle.checkpoint_manager is not None and (tmp_path / "ck" / "active").is_dir()
+    x = torch.randn(3, 6)
+    assert torch.equal(layer(x), host(x))  # all seeds dormant: the host's output, bit for bit
+    no_ckpt = FeatureFlags(enabled=True, rollout_percentage=100, enable_checkpoints=False)
+    layer = no_ckpt.wrap(host, "enc", num_seeds=2, checkpoint_dir=tmp_path / "other")
+    assert layer.lifecycle.checkpoint_manager is None and not (tmp_path / "other").exists()
+    with pytest.raises(FeatureFlagError, match="pass checkpoint_dir"):
+        everyone.wrap(host, "enc", num_seeds=2, checkpoint_manager=object())

@@ -24,7 +24,7 @@ def walk(state: ExtendedStateTensor, ids: list[int], path: list[L]) -> None:
 def test_metrics_of_a_bare_state_tensor():
     state = ExtendedStateTensor(10)
     telemetry = ExtendedTelemetry(state)
-    first = telemetry.collect_lifecycle_metrics(epoch=0)
+    first = telemetry.collect_lifecycle_metrics(epoch=0)  # covers epoch 0
     assert set(first) == KEYS
     assert first["state_distribution"]["DORMANT"] == 10
     assert sum(first["state_distribution"].values()) == 10
@@ -81,3 +81,32 @@ def test_tensorboard_writer_writes_events(tmp_path):
     writer.write({"state_distribution": {"DORMANT": 3}, "transition_rate": 0.5, "label": "x"}, step=1)
     writer.close()
     assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
+
+
+def test_metrics_of_a_layer_read_its_alpha_and_checkpoints(tmp_path):
+    import torch
+    from torch import nn
+
+    from kasmina import CheckpointManager, LifecyclePolicy
+    from kasmina.layer import ChunkedKasminaLayer
+
+    policy = LifecyclePolicy.default().with_overrides(min_epochs={"TRAINING": 0, "GRAFTING": 4})
+    manager = CheckpointManager(tmp_path, durable=False)
+    layer = ChunkedKasminaLayer(nn.Linear(4, 6), 3, policy=policy, checkpoint_manager=manager)
+    telemetry = ExtendedTelemetry(layer)
+    for seed in (0, 1):
+        assert layer.germinate(seed, "mlp").success
+        assert layer.transition(seed, "GERMINATED", "TRAINING").success
+        assert layer.transition(seed, "TRAINING", "GRAFTING", {"reconstruction_loss": 0.0}).success
+    layer.step_epoch()
+    layer.step_epoch()
+    layer.rollback(1)
+    manager.save_layer_state("layer", layer.state)
+    metrics = telemetry.collect_lifecycle_metrics(epoch=2)
+    progress = metrics["grafting_progress"]
+    assert progress["seeds_grafting"] == 1 and progress["seeds_fully_grafted"] == 0
+    assert progress["mean_alpha"] == pytest.approx(float(layer.get_alpha()[0])) == pytest.approx(0.5)
+    assert metrics["checkpoint_count"] == manager.get_checkpoint_count() >= 1
+    assert metrics["state_distribution"]["ROLLED_BACK"] == 1
+    assert metrics["transition_rate"] == pytest.approx(7 / 3)  # epochs 0, 1 and 2
+    assert torch.isfinite(torch.tensor(progress["max_alpha"]))
