@@ -60,9 +60,16 @@ __all__ = ["run_demo_distributed"]
 
 
 def run_demo_distributed(
-    config: DemoConfig, nproc: int, progress: bool = True, start_method: str = "spawn", timeout_s: float = 120.0
+    config: DemoConfig,
+    nproc: int,
+    progress: bool = True,
+    start_method: str = "spawn",
+    timeout_s: float = 120.0,
+    deadline_s: float = 3600.0,
 ) -> DemoResult:
-    """Run the demo on ``nproc`` gloo ranks on CPU; returns rank 0's result."""
+    """Run the demo on ``nproc`` gloo ranks on CPU; returns rank 0's result. A rank
+    waiting longer than ``timeout_s`` for the others fails the run; the whole run is
+    stopped after ``deadline_s``."""
     if nproc < 2:
         raise DemoError(f"--nproc {nproc}: a distributed run needs at least 2 processes")
     if torch.device(config.device).type != "cpu":
@@ -72,7 +79,13 @@ def run_demo_distributed(
         raise DemoError(f"{run_dir} already exists; pick another --name or remove it")
     run_dir.mkdir(parents=True, exist_ok=True)
     results = launch(
-        _rank_main, nproc, (config, progress), timeout_s=timeout_s, deadline_s=3600, start_method=start_method, threads_per_rank=1
+        _rank_main,
+        nproc,
+        (config, progress),
+        timeout_s=timeout_s,
+        deadline_s=deadline_s,
+        start_method=start_method,
+        threads_per_rank=1,
     )
     return results[0]
 

@@ -123,6 +123,7 @@ class Trace:
     alphas: list[list[float]] = field(default_factory=list)
     codes: list[list[int]] = field(default_factory=list)
     broadcasts: list[int] = field(default_factory=list)
+    local: list[int] = field(default_factory=list)
     rebuilds: int = 0
 
 
@@ -153,6 +154,7 @@ def run_epochs(
             opt.zero_grad()
             loss.backward()
             opt.step()
+        trace.local.append(tensor_digest(torch.cat([layer._recon_sum, layer.chunk_mean, layer.chunk_var])))
         sync_layer_measurements(layer, sync)
         layer.step_epoch()
         cmds = controller(layer, epoch) if sync.is_controller else None
