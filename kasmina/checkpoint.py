@@ -37,7 +37,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -700,8 +700,8 @@ class CheckpointManager:
                     )
                 except (ValueError, TypeError, KeyError) as exc:
                     raise CheckpointError(f"cannot migrate {path}: {exc}") from None
-                info = replace(
-                    info, version=2, payload_file=f"{checkpoint_id}.safetensors", payload_size=payload.size, sha256=payload.sha256
+                info = info._replace(
+                    version=2, payload_file=f"{checkpoint_id}.safetensors", payload_size=payload.size, sha256=payload.sha256
                 )
                 self._backup(path, path.with_name(path.name + ".bak"))
                 if body is not None:

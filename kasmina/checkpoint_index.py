@@ -7,7 +7,6 @@ import os
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import fields
 from pathlib import Path
 
 from .checkpoint_errors import CheckpointError
@@ -21,7 +20,7 @@ SeedKey = tuple[str, str, int | None]  # (layer_id, kind, seed_id)
 _SETTLE_NS = 100_000_000  # a folder unchanged this long before a scan cannot hide a later change
 _CACHE_FORMAT = "kasmina-checkpoint-index-cache/1"
 _CACHE_AFTER_PARSING = 256  # a refresh that had to read this many sidecars leaves a snapshot
-_INFO_FIELDS = tuple(f.name for f in fields(CheckpointInfo) if f.name != "location")
+_INFO_FIELDS = tuple(f for f in CheckpointInfo._fields if f != "location")
 
 
 class SidecarIndex:
@@ -109,7 +108,8 @@ class SidecarIndex:
         self._settled = False
 
     def add(self, info: CheckpointInfo, inode: int) -> None:
-        self.remove(info.checkpoint_id)
+        if info.checkpoint_id in self._entries:
+            self.remove(info.checkpoint_id)
         self._sorted = None
         self._entries[info.checkpoint_id] = (info, inode)
         self._by_key.setdefault((info.layer_id, info.kind, info.seed_id), set()).add(info.checkpoint_id)
@@ -136,4 +136,4 @@ class SidecarIndex:
 
 
 def newest_first(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
-    return sorted(infos, key=lambda i: (i.sort_key, i.checkpoint_id), reverse=True)
+    return sorted(infos, key=lambda i: (i.created_ms, i.seq, i.checkpoint_id), reverse=True)
