@@ -72,6 +72,8 @@ def run_demo_distributed(
     stopped after ``deadline_s``."""
     if nproc < 2:
         raise DemoError(f"--nproc {nproc}: a distributed run needs at least 2 processes")
+    if getattr(config, "tensorboard", False):
+        raise DemoError("--tensorboard is not available with --nproc; telemetry.jsonl is written as usual")
     if torch.device(config.device).type != "cpu":
         raise DemoError(f"--nproc runs gloo ranks on CPU; --device {config.device} is not supported with it")
     run_dir = config.run_dir
