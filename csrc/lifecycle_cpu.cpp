@@ -9,6 +9,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "lifecycle_step.h"
@@ -19,7 +20,7 @@ namespace {
 namespace spec = ::kasmina::spec;
 namespace lc = ::kasmina::lifecycle;
 
-constexpr int64_t kGrain = 2048;
+constexpr int64_t kGrain = 1 << 14;
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "kasmina: ", name, " must be on the CPU like the state tensor, got ", t.device());
@@ -39,48 +40,113 @@ void check_vector(const at::Tensor& t, const char* name, int64_t length) {
               t.sizes());
 }
 
-// Marks, for every in-range seed id of the batch, whether it occurs more than once.
-// flags[s] bit 0: seen, bit 1: seen again. Returns an empty vector when the batch cannot
-// hold duplicates (K <= 1).
-std::vector<uint8_t> duplicate_flags(const int64_t* seed_ids, int64_t num_requests, int64_t num_seeds) {
-  std::vector<uint8_t> flags;
-  if (num_requests <= 1) return flags;
-  flags.assign(static_cast<size_t>(num_seeds), 0);
+// Requests handled per task of at::parallel_for: below this a batch runs on the calling
+// thread (thread start-up costs more than the work).
+constexpr int64_t kRequestGrain = 1 << 15;
+// How many requests ahead the loops prefetch the rows they will touch (random access).
+constexpr int64_t kPrefetchAhead = 12;
+// Distance between the stages of the apply pipeline (see apply_range).
+constexpr int64_t kStage = 8;
+
+inline void prefetch_write(const void* p) { __builtin_prefetch(p, 1, 1); }
+
+// Marks, for every in-range seed id of the batch, whether it occurs more than once:
+// flags[s] bit 0 = seen, bit 1 = seen again. The buffer is per calling thread and
+// reused (kept zero between calls), so a batch does not pay for a fresh allocation.
+// Returns nullptr when the batch cannot hold duplicates (K <= 1).
+const uint8_t* duplicate_flags(const int64_t* seed_ids, int64_t num_requests, int64_t num_seeds) {
+  if (num_requests <= 1) return nullptr;
+  thread_local std::vector<uint8_t> flags;
+  if (static_cast<int64_t>(flags.size()) < num_seeds) flags.assign(static_cast<size_t>(num_seeds), 0);
   uint8_t* f = flags.data();
-  at::parallel_for(0, num_requests, kGrain * 4, [&](int64_t begin, int64_t end) {
+  const bool threaded = num_requests > kRequestGrain && at::get_num_threads() > 1;
+  at::parallel_for(0, num_requests, kRequestGrain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
+      if (k + kPrefetchAhead < end) {
+        const int64_t ahead = seed_ids[k + kPrefetchAhead];
+        if (lc::seed_in_range(ahead, num_seeds)) prefetch_write(f + ahead);
+      }
       const int64_t s = seed_ids[k];
       if (!lc::seed_in_range(s, num_seeds)) continue;
-      // Relaxed atomics: only the final bits matter, read after parallel_for joins.
-      if (__atomic_fetch_or(&f[s], uint8_t{1}, __ATOMIC_RELAXED) & 1) {
-        __atomic_fetch_or(&f[s], uint8_t{2}, __ATOMIC_RELAXED);
+      if (threaded) {
+        // Relaxed atomics: only the final bits matter, read after parallel_for joins.
+        if (__atomic_fetch_or(&f[s], uint8_t{1}, __ATOMIC_RELAXED) & 1) __atomic_fetch_or(&f[s], uint8_t{2}, __ATOMIC_RELAXED);
+      } else {
+        f[s] = static_cast<uint8_t>(f[s] | 1 | ((f[s] & 1) << 1));
       }
     }
   });
-  return flags;
+  return f;
+}
+
+// Zeroes the flags a batch set, leaving the buffer clean for the next batch: the whole
+// prefix for large batches (a sequential memset beats random stores), else per seed.
+void clear_duplicate_flags(const int64_t* seed_ids, int64_t num_requests, int64_t num_seeds, const uint8_t* flags) {
+  if (flags == nullptr) return;
+  uint8_t* f = const_cast<uint8_t*>(flags);
+  if (num_requests * 16 >= num_seeds) {
+    std::memset(f, 0, static_cast<size_t>(num_seeds));
+    return;
+  }
+  for (int64_t k = 0; k < num_requests; ++k) {
+    const int64_t s = seed_ids[k];
+    if (lc::seed_in_range(s, num_seeds)) f[s] = 0;
+  }
+}
+
+// Judges and commits requests [begin, end) as a software pipeline over the random rows
+// they touch, `kStage` requests apart: stage 0 prefetches request i's state row, stage 1
+// judges request i - kStage (its row is in cache by then) and, when accepted, prefetches
+// its history count, stage 2 prefetches the one history slot request i - 2 kStage will
+// write, stage 3 commits request i - 3 kStage. Refused requests never touch the history.
+// Judging ahead of earlier commits is sound: accepted requests name distinct seeds, and
+// every request is judged against the state before the batch.
+template <typename StateIndex>
+void apply_range(int32_t* state, int32_t* history, int32_t* history_count, int64_t num_seeds, const int64_t* seed_ids,
+                 const StateIndex* from_states, const StateIndex* to_states, const float* context,
+                 const int32_t* min_epochs, const float* params, const uint8_t* dup, int32_t* codes, int64_t begin,
+                 int64_t end) {
+  constexpr int64_t kRing = spec::kHistoryLength * 2;
+  for (int64_t i = begin; i < end + 3 * kStage; ++i) {
+    if (i < end) {
+      const int64_t s = seed_ids[i];
+      if (lc::seed_in_range(s, num_seeds)) prefetch_write(state + s * spec::kNumStateColumns);
+    }
+    const int64_t j = i - kStage;
+    if (j >= begin && j < end) {
+      const int64_t s = seed_ids[j];
+      const int32_t occurrences = (dup != nullptr && lc::seed_in_range(s, num_seeds) && (dup[s] & 2)) ? 2 : 1;
+      const int32_t code = lc::judge_request(s, num_seeds, occurrences, state, static_cast<int64_t>(from_states[j]),
+                                             static_cast<int64_t>(to_states[j]), context + j * spec::kNumContextFields,
+                                             min_epochs, params);
+      codes[j] = code;
+      if (code == spec::REASON_OK) prefetch_write(history_count + s);
+    }
+    const int64_t h = i - 2 * kStage;
+    if (h >= begin && h < end && codes[h] == spec::REASON_OK) {
+      const int64_t s = seed_ids[h];
+      const uint32_t slot = static_cast<uint32_t>(history_count[s]) % static_cast<uint32_t>(spec::kHistoryLength);
+      prefetch_write(history + s * kRing + 2 * slot);
+    }
+    const int64_t c = i - 3 * kStage;
+    if (c >= begin && c < end && codes[c] == spec::REASON_OK) {
+      const int64_t s = seed_ids[c];
+      lc::commit_transition(state + s * spec::kNumStateColumns, history + s * kRing, history_count + s,
+                            static_cast<int32_t>(from_states[c]), static_cast<int32_t>(to_states[c]));
+    }
+  }
 }
 
 template <typename StateIndex>
 void apply_kernel(int32_t* state, int32_t* history, int32_t* history_count, int64_t num_seeds, const int64_t* seed_ids,
                   const StateIndex* from_states, const StateIndex* to_states, const float* context,
                   const int32_t* min_epochs, const float* params, int32_t* codes, int64_t num_requests) {
-  const std::vector<uint8_t> flags = duplicate_flags(seed_ids, num_requests, num_seeds);
-  const uint8_t* dup = flags.empty() ? nullptr : flags.data();
-  at::parallel_for(0, num_requests, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t s = seed_ids[k];
-      const int32_t occurrences = (dup != nullptr && lc::seed_in_range(s, num_seeds) && (dup[s] & 2)) ? 2 : 1;
-      const int64_t from = static_cast<int64_t>(from_states[k]);
-      const int64_t to = static_cast<int64_t>(to_states[k]);
-      const int32_t code = lc::judge_request(s, num_seeds, occurrences, state, from, to,
-                                             context + k * spec::kNumContextFields, min_epochs, params);
-      if (code == spec::REASON_OK) {
-        lc::commit_transition(state + s * spec::kNumStateColumns, history + s * spec::kHistoryLength * 2,
-                              history_count + s, static_cast<int32_t>(from), static_cast<int32_t>(to));
-      }
-      codes[k] = code;
-    }
+  const uint8_t* dup = duplicate_flags(seed_ids, num_requests, num_seeds);
+  at::parallel_for(0, num_requests, kRequestGrain, [&](int64_t begin, int64_t end) {
+    apply_range(state, history, history_count, num_seeds, seed_ids, from_states, to_states, context, min_epochs,
+                params, dup, codes, begin, end);
   });
+  clear_duplicate_flags(seed_ids, num_requests, num_seeds, dup);
 }
 
 at::Tensor apply_transitions_cpu(at::Tensor& state, at::Tensor& history, at::Tensor& history_count,
