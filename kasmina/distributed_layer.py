@@ -416,6 +416,8 @@ class KasminaDDP:
             # and hide a divergence that LifecycleSync.check_consistency should report.
             kwargs.setdefault("init_sync", False)
         self.module = None  # the old reducer (and its gradient hooks) goes first
+        if not any(requires_grad for *_, requires_grad in sig):
+            return True  # nothing trains: nothing for DDP to average (the model is called directly)
         try:
             self.module = DistributedDataParallel(_WithAuxiliary(self.model, self.layers), **kwargs)
         except RuntimeError as exc:
