@@ -14,6 +14,7 @@ continuity); seed 0 stays DORMANT.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,10 +216,10 @@ def failing_run(rank: int, mode: str) -> None:
             loss.backward()
             opt.step()
         if rank == 1 and epoch == 1:
+            # Let rank 0 finish reading this epoch's last gradients and reach the boundary.
+            time.sleep(0.5)
             if mode == "die":
                 os._exit(17)
-            import time
-
             time.sleep(60)  # hang: the launcher's grace period ends it
         sync_layer_measurements(layer, sync)
         layer.step_epoch()
