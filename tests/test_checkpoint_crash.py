@@ -65,6 +65,54 @@ def crash_driver(folder: str, log_path: str, kills: int, seed: int) -> None:
         time.sleep(0.002)  # the next writer's ids start in a later millisecond
 
 
+_IO_CALLS = ("open", "write", "fsync", "link", "unlink", "replace", "rename")
+
+
+def _save_until_killed_at(folder: str, log_path: str, point: int) -> None:
+    manager = CheckpointManager(folder, max_checkpoints_per_seed=2)
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    value = point * VALUES_PER_ROUND
+    checkpoint_id = manager.save_checkpoint("L", 0, {"value": value, "t": torch.full((64,), value)})
+    os.write(log, f"{value} {checkpoint_id}\n".encode())
+    calls = [0]
+
+    def hook(real):
+        def hooked(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == point:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        return hooked
+
+    for name in _IO_CALLS:
+        setattr(os, name, hook(getattr(os, name)))
+    checkpoint_id = manager.save_checkpoint("L", 0, {"value": value + 1, "t": torch.full((64,), value + 1)})
+    os.write(log, f"{value + 1} {checkpoint_id}\n".encode())
+
+
+def crash_point_driver(folder: str, log_path: str) -> None:
+    """Crash a save at every one of its file-system calls in turn: writer ``k`` SIGKILLs
+    itself just before the ``k``-th call, until a writer gets through a whole save."""
+    for point in range(1, 200):
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                _save_until_killed_at(folder, log_path, point)
+                code = 0  # reached only when the save ended before call number ``point``
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:  # this point lies past the end of a save
+            with open(f"{log_path}.points", "w") as points:
+                points.write(str(point - 1))
+            return
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+        time.sleep(0.002)
+    raise AssertionError("a save never completed")
+
+
 def id_race_driver(folder: str, log_path: str, writers: int, saves: int) -> None:
     """Fork ``writers`` processes that save one seed at once, all stamping the same
     millisecond and starting from the same sequence number, so ids clash constantly."""
@@ -96,19 +144,29 @@ def id_race_driver(folder: str, log_path: str, writers: int, saves: int) -> None
         assert status == 0, status
 
 
+def _every_sidecar_verifies(manager: CheckpointManager) -> None:
+    """A sidecar is the commit record: wherever one exists (active/ or archive/), its
+    checkpoint must be complete."""
+    sidecars = [*manager.active_dir.glob("*.json"), *manager.archive_dir.glob("*.json")]
+    assert sidecars
+    for sidecar in sidecars:
+        manager.verify(sidecar.stem)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     """Both drivers in one subprocess (one import of torch): {name: (folder, log)}."""
     root = tmp_path_factory.mktemp("crash")
-    paths = {name: (root / name, root / f"{name}.log") for name in ("kill", "race")}
+    paths = {name: (root / name, root / f"{name}.log") for name in ("kill", "race", "points")}
     for folder, log in paths.values():
         CheckpointManager(folder)
         log.touch()
-    (kill_dir, kill_log), (race_dir, race_log) = paths["kill"], paths["race"]
+    (kill_dir, kill_log), (race_dir, race_log), (points_dir, points_log) = paths["kill"], paths["race"], paths["points"]
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_checkpoint_crash as t; "
         f"t.crash_driver({str(kill_dir)!r}, {str(kill_log)!r}, {KILLS}, 1234); "
-        f"t.id_race_driver({str(race_dir)!r}, {str(race_log)!r}, {RACE_WRITERS}, {RACE_SAVES})"
+        f"t.id_race_driver({str(race_dir)!r}, {str(race_log)!r}, {RACE_WRITERS}, {RACE_SAVES}); "
+        f"t.crash_point_driver({str(points_dir)!r}, {str(points_log)!r})"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return paths
@@ -132,6 +190,7 @@ def test_sigkill_at_random_points_never_breaks_a_listed_checkpoint(runs: dict[st
 
     listed = manager.list_checkpoints(limit=None)
     assert listed
+    _every_sidecar_verifies(manager)
     for info in listed:  # every listed checkpoint verifies and holds what was saved
         manager.verify(info.checkpoint_id)
         out = manager.restore_checkpoint(info.checkpoint_id)
@@ -161,3 +220,18 @@ def test_ids_never_collide_across_processes(runs: dict[str, tuple[Path, Path]]) 
         out = manager.restore_checkpoint(checkpoint_id)
         assert (out["state_data"]["writer"], out["state_data"]["i"]) == (int(writer), int(i))
     assert json.loads((folder / "active" / f"{ids[0]}.json").read_text())["checkpoint_id"] == ids[0]
+
+
+def test_a_crash_at_every_file_system_call_of_a_save(runs: dict[str, tuple[Path, Path]]) -> None:
+    folder, log = runs["points"]
+    points = int(Path(f"{log}.points").read_text())
+    assert points >= 10  # temp writes, fsyncs, links, unlinks, folder fsync, retention moves
+    manager = CheckpointManager(folder)
+    assert len(manager.list_checkpoints(limit=None)) >= 2
+    _every_sidecar_verifies(manager)
+    completed = [line.split() for line in log.read_text().splitlines()]
+    last_value = int(completed[-1][0])
+    result = CheckpointRecovery(manager).recover_seed_state("L", 0)
+    assert result.checkpoint["state_data"]["value"] in (last_value, last_value + 1)
+    for checkpoint_id, value in ((i, int(v)) for v, i in completed):  # every completed save survives
+        assert manager.restore_checkpoint(checkpoint_id)["state_data"]["value"] == value
