@@ -547,3 +547,23 @@ def test_index_snapshot_speeds_up_a_cold_start_and_never_hides_changes(tmp_path:
     assert [i.checkpoint_id for i in listed] == [ids[3], ids[2], ids[0]] and reads == [sidecar.name]
     cache.write_text("{garbage")  # a broken snapshot is ignored
     assert len(CheckpointManager(tmp_path).list_checkpoints()) == 3
+
+
+def test_atomic_write_replaces_or_refuses_and_leaves_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kasmina.durable_io import atomic_write
+
+    target = tmp_path / "file.bin"
+    atomic_write(target, b"one")
+    atomic_write(target, [b"tw", memoryview(b"o")])  # replaces by default
+    assert target.read_bytes() == b"two"
+    with pytest.raises(FileExistsError):
+        atomic_write(target, b"three", overwrite=False)
+    assert target.read_bytes() == b"two"
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    atomic_write(tmp_path / "durable.bin", b"x")
+    assert len(synced) == 2  # the file and its folder
+    atomic_write(tmp_path / "fast.bin", b"x", durable=False)
+    assert len(synced) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["durable.bin", "fast.bin", "file.bin"]
