@@ -72,6 +72,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 out=Path(args.out),
                 name=args.name,
+                tensorboard=args.tensorboard,
             )
         if args.nproc > 1:
             if args.resume is not None:
@@ -252,8 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--out", default="runs", help="folder for runs (default: %(default)s)")
     demo.add_argument("--name", default=None, help="run name (default: derived from the options)")
-    demo.add_argument("--resume", metavar="RUN", default=None, help="continue runs/<name> from its last layer checkpoint")
+    demo.add_argument(
+        "--resume",
+        metavar="RUN",
+        default=None,
+        help="continue runs/<name> from its newest good checkpoint, with the run's own settings (only --device may differ)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to <run>/tensorboard")
     demo.add_argument(
         "--nproc", type=_positive_int, default=1, help="processes (gloo ranks on CPU, DDP, torchrun-style) (default: %(default)s)"
     )

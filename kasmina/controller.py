@@ -276,7 +276,7 @@ class SeedController:
             choose(moving, S.ROLLED_BACK, f"unstable: stability {self.stability:.3f} < min_stability")
         choose(in_state[S.GERMINATED], S.TRAINING, "start training")
         choose(in_state[S.TRAINING] & over[S.TRAINING], S.CULLED, "reconstruction did not converge within the training budget")
-        choose(in_state[S.TRAINING] & (epochs >= min_epochs), S.GRAFTING, "reconstruction converged?")
+        choose(in_state[S.TRAINING] & (epochs >= min_epochs), S.GRAFTING, "reconstruction converged")
         choose(in_state[S.GRAFTING] & (alpha >= 1.0), S.STABILIZATION, "grafting ramp complete")
         choose(in_state[S.STABILIZATION] & (epochs >= min_epochs), S.EVALUATING, "stabilized")
         choose(in_state[S.EVALUATING] & delta_ok & (epochs >= min_epochs), S.FINE_TUNING, "positive evaluation")

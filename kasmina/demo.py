@@ -27,12 +27,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._generated.lifecycle_tables import StateColumn
 from .blueprints import BlueprintRegistry, LowRankBlueprint, MLPBlueprint, ResidualLinearBlueprint
 from .checkpoint import CheckpointManager, CheckpointRecovery
 from .checkpoint_errors import CheckpointNotFoundError
 from .controller import ControllerConfig, SeedController, SeedLife, ablate_chunks, scaled_policy
 from .layer import ChunkedKasminaLayer
-from .telemetry import ExtendedTelemetry, JsonlWriter
+from .telemetry import ExtendedTelemetry, JsonlWriter, TensorBoardWriter, tensorboard_available
 
 __all__ = ["DemoConfig", "DemoError", "DemoResult", "run_demo"]
 
@@ -58,7 +59,9 @@ class DemoConfig:
     blueprint_hidden_ratio: float = 4.0
     batch_size: int = 64
     lr: float = 3e-3
+    blueprint_lr: float = 1e-2
     policy_fraction: float = 0.3
+    tensorboard: bool = False
     controller: ControllerConfig = field(default_factory=lambda: ControllerConfig(plateau_patience=4, max_active=2))
 
     def __post_init__(self) -> None:
@@ -69,8 +72,13 @@ class DemoConfig:
             raise DemoError(f"--epochs must be at least 1, got {self.epochs}")
         if not 1 <= self.seeds <= self.hidden:
             raise DemoError(f"--seeds must be between 1 and the hidden width {self.hidden}, got {self.seeds}")
-        if self.name is None:
-            object.__setattr__(self, "name", f"digits-e{self.epochs}-s{self.seeds}-r{self.seed}")
+        if self.name is None:  # a fresh folder: digits-e120-s4-r0, then -2, -3, ...
+            base = f"digits-e{self.epochs}-s{self.seeds}-r{self.seed}"
+            name, n = base, 1
+            while (self.out / name).exists() and any((self.out / name).iterdir()):
+                n += 1
+                name = f"{base}-{n}"
+            object.__setattr__(self, "name", name)
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise DemoError(f"--name must be a plain folder name, got {self.name!r}")
         try:
@@ -323,7 +331,7 @@ def _record(epoch: int, train: tuple[float, float], val: tuple[float, float], co
         "val_loss": val[0],
         "val_accuracy": val[1],
         "stability": controller.stability,
-        "seed_states": layer.state.state[:, 0].tolist(),
+        "seed_states": layer.state.state[:, StateColumn.LIFECYCLE_STATE].tolist(),
         "alpha": layer.get_alpha().tolist(),
         "performance_delta": controller.delta.tolist(),
         "reconstruction_loss": layer.reconstruction_loss.tolist(),
@@ -378,6 +386,9 @@ def _run(config: DemoConfig, progress: bool, resume: bool) -> DemoResult:
     telemetry = ExtendedTelemetry(layer)
     if records:
         telemetry.collect_lifecycle_metrics(records[-1]["epoch"])  # the rate continues from there
+    if config.tensorboard and not tensorboard_available():
+        raise DemoError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    board = TensorBoardWriter(run_dir / "tensorboard") if config.tensorboard else None
     writer = JsonlWriter(run_dir / "telemetry.jsonl", mode="w")
     for record in records:
         writer.write(record)
@@ -394,16 +405,20 @@ def _run(config: DemoConfig, progress: bool, resume: bool) -> DemoResult:
             layer.step_epoch()
             val_loss, val_acc, predictions = evaluate(model, val)
             decisions = controller.step(epoch, val_loss, predictions, ablate)
-            layer.sync_optimizer(optimizer, lr=config.lr)
+            layer.sync_optimizer(optimizer, lr=config.blueprint_lr)
             record = _record(epoch, train_metrics, (val_loss, val_acc), controller, layer, telemetry, decisions)
             writer.write(record)
             records.append(record)
+            if board is not None:
+                board.write({k: record[k] for k in ("train_loss", "val_loss", "val_accuracy", "lifecycle")}, step=epoch)
             save_run_checkpoint(manager, model, optimizer, controller, epoch)
             bar.set_postfix_str(f"loss {val_loss:.3f} acc {val_acc:.3f} | {_state_counts(layer)}", refresh=False)
             for d in decisions:
                 if d.accepted and d.to_state in ("GERMINATED", "FOSSILIZED", "CULLED", "ROLLED_BACK", "CANCELLED"):
                     bar.write(f"  epoch {epoch:3d}: seed {d.seed} {d.from_state} -> {d.to_state} ({d.why})")
     bar.close()
+    if board is not None:
+        board.close()
 
     _train_baseline(baseline, train, config)
     test_loss, test_acc, _ = evaluate(model, test)

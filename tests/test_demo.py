@@ -120,6 +120,9 @@ def test_user_errors(tmp_path, finished, capsys):
     out, _ = finished
     with pytest.raises(DemoError, match="already exists"):
         run_demo(short_config(out), progress=False)
+    (tmp_path / "digits-e24-s4-r0").mkdir()
+    (tmp_path / "digits-e24-s4-r0" / "x").touch()
+    assert DemoConfig(epochs=24, out=tmp_path).name == "digits-e24-s4-r0-2"  # the default name never clashes
     with pytest.raises(DemoError, match=r"no config\.json"):
         DemoConfig.for_resume(tmp_path)
     with pytest.raises(DemoError, match="--seeds must be between 1 and the hidden width 8"):
@@ -131,3 +134,15 @@ def test_user_errors(tmp_path, finished, capsys):
     assert err.count("\n") == 1 and "no config.json" in err
     if not torch.cuda.is_available():
         assert main(["demo", "--device", "cuda", "--out", str(tmp_path)]) == 2
+
+
+def test_tensorboard_events_are_written(tmp_path):
+    from kasmina.telemetry import tensorboard_available
+
+    config = DemoConfig(epochs=2, seeds=2, out=tmp_path, name="tb", tensorboard=True)
+    if not tensorboard_available():
+        with pytest.raises(DemoError, match="pip install tensorboard"):
+            run_demo(config, progress=False)
+        return
+    run_demo(config, progress=False)
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb" / "tensorboard").iterdir())
