@@ -1,12 +1,18 @@
 // CPU kernels of kasmina::chunked_blend and kasmina::chunked_blend_backward. The
 // per-element formulas and the chunk layout are in blend_step.h; this file walks the
-// (row, chunk) segments of the contiguous inputs with at::parallel_for.
+// contiguous (rows, dim) inputs with at::parallel_for.
 //
-// Work unit: a segment is one chunk of one row, a contiguous run of memory; segment
-// index = row * num_chunks + chunk, so a range of segments is a contiguous range of the
-// tensors. The segments are split into tasks of about kTaskElements elements; each task
-// accumulates grad_alpha into its own row of partial sums (float64), which are added
-// task by task at the end, so the result does not depend on thread scheduling.
+// Alpha is expanded once per call into a per-feature weight, and the last dimension
+// into maximal runs of features whose chunks are all active (alpha != 0) or all
+// inactive. An active run is one vectorisable loop however narrow its chunks are; an
+// inactive run is a copy (grad_base: of grad) or a zero fill and never reads
+// blueprint_out.
+//
+// Work is cut into tiles of about kTileElements elements (a block of rows times a block
+// of features), and the tiles into a fixed number of tasks. For grad_alpha each tile
+// sums its rows per feature in acc_t, then folds those column sums into its task's
+// per-chunk partial sums (float64); the tasks' partials are added in task order at the
+// end, so the result does not depend on thread scheduling.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,6 +25,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "blend_args.h"
 #include "blend_step.h"
 
@@ -26,39 +36,126 @@ namespace kasmina {
 namespace blend {
 namespace {
 
-constexpr int64_t kTaskElements = 1 << 15;
-constexpr int kLanes = 8;  // independent partial sums per span: vectorisable and more accurate
+// The run loops stay out of line: inlined into the tile lambdas they lose their
+// __restrict__ guarantees, and GCC then reloads every pointer from the stack per vector.
+#if defined(__GNUC__)
+#define KASMINA_NOINLINE __attribute__((noinline))
+#else
+#define KASMINA_NOINLINE
+#endif
 
-// Chunk boundaries: begins[s] .. begins[s + 1].
-std::vector<int64_t> chunk_begins(int64_t dim, int64_t num_chunks) {
-  std::vector<int64_t> begins(static_cast<size_t>(num_chunks + 1));
-  for (int64_t s = 0; s <= num_chunks; ++s) begins[static_cast<size_t>(s)] = chunk_begin(s, dim, num_chunks);
-  return begins;
-}
+constexpr int64_t kTileElements = 1 << 15;
+constexpr int64_t kMaxTileColumns = 1 << 13;  // when rows are too few to share out
 
-// Number of tasks the segments are cut into (depends on the sizes and the thread count only).
-int64_t task_count(int64_t segments, int64_t elements) {
-  const int64_t by_size = std::max<int64_t>(1, elements / kTaskElements);
-  const int64_t cap = std::max<int64_t>(1, 4 * static_cast<int64_t>(at::get_num_threads()));
-  return std::max<int64_t>(1, std::min({segments, by_size, cap}));
-}
+// A maximal range [begin, end) of features whose chunks are all active or all inactive.
+struct Run {
+  int64_t begin;
+  int64_t end;
+  bool active;
+};
 
-// Runs body(segment_begin, segment_end, task) for every task, in parallel.
-template <typename Body>
-void for_each_task(int64_t segments, int64_t num_tasks, const Body& body) {
-  at::parallel_for(0, num_tasks, 1, [&](int64_t task_begin, int64_t task_end) {
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      body(segments * task / num_tasks, segments * (task + 1) / num_tasks, task);
+// Per-call layout: feature weights, runs, chunk boundaries and the tiling.
+template <typename acc_t>
+struct Layout {
+  int64_t rows, dim, num_chunks;
+  std::vector<acc_t> weight;    // alpha of each feature's chunk
+  std::vector<int64_t> begins;  // chunk s is [begins[s], begins[s + 1])
+  std::vector<Run> runs;
+  int64_t tile_rows, tile_cols, row_tiles, col_tiles, num_tasks;
+
+  Layout(const acc_t* alpha, int64_t rows_, int64_t dim_, int64_t num_chunks_)
+      : rows(rows_), dim(dim_), num_chunks(num_chunks_), weight(static_cast<size_t>(dim_)),
+        begins(static_cast<size_t>(num_chunks_ + 1)) {
+    for (int64_t s = 0; s <= num_chunks; ++s) begins[s] = chunk_begin(s, dim, num_chunks);
+    for (int64_t s = 0; s < num_chunks; ++s) {
+      std::fill(weight.begin() + begins[s], weight.begin() + begins[s + 1], alpha[s]);
+      const bool active = chunk_active(alpha[s]);
+      if (!runs.empty() && runs.back().active == active) {
+        runs.back().end = begins[s + 1];
+      } else {
+        runs.push_back({begins[s], begins[s + 1], active});
+      }
     }
-  });
+    // Whole rows keep every stream sequential; rows are split only when there are too
+    // few of them to keep every thread busy.
+    const int64_t threads = static_cast<int64_t>(at::get_num_threads());
+    tile_cols = rows >= 4 * threads ? dim : std::min(dim, kMaxTileColumns);
+    tile_rows = std::max<int64_t>(1, kTileElements / tile_cols);
+    row_tiles = (rows + tile_rows - 1) / tile_rows;
+    col_tiles = (dim + tile_cols - 1) / tile_cols;
+    const int64_t tiles = row_tiles * col_tiles;
+    const int64_t cap = std::max<int64_t>(1, 4 * threads);
+    num_tasks = std::max<int64_t>(1, std::min(tiles, cap));
+  }
+
+  // Runs body(row_begin, row_end, col_begin, col_end, task) for every tile, tasks in parallel.
+  template <typename Body>
+  void for_each_tile(const Body& body) const {
+    const int64_t tiles = row_tiles * col_tiles;
+    at::parallel_for(0, num_tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        for (int64_t t = tiles * task / num_tasks; t < tiles * (task + 1) / num_tasks; ++t) {
+          const int64_t r0 = (t / col_tiles) * tile_rows;
+          const int64_t c0 = (t % col_tiles) * tile_cols;
+          body(r0, std::min(rows, r0 + tile_rows), c0, std::min(dim, c0 + tile_cols), task);
+        }
+      }
+    });
+  }
+
+  // Calls f(lo, hi, active) for the parts of the runs inside [c0, c1).
+  template <typename F>
+  void for_each_run(int64_t c0, int64_t c1, const F& f) const {
+    for (const Run& run : runs) {
+      if (run.end <= c0) continue;
+      if (run.begin >= c1) break;
+      f(std::max(run.begin, c0), std::min(run.end, c1), run.active);
+    }
+  }
+};
+
+// Copy and zero fill of a run. Explicit 16-byte moves: glibc's memcpy/memset take
+// `rep movsb`/`rep stosb` for mid-sized blocks, which is several times slower than
+// vector moves on some machines (AMD Zen under KVM here).
+KASMINA_NOINLINE void copy_bytes(void* __restrict__ dst, const void* __restrict__ src, size_t bytes) {
+#if defined(__SSE2__)
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  size_t i = 0;
+  for (; i + 64 <= bytes; i += 64) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
+    const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), a);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i + 16), b);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i + 32), c);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i + 48), e);
+  }
+  std::memcpy(d + i, s + i, bytes - i);
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
+
+KASMINA_NOINLINE void zero_bytes(void* dst, size_t bytes) {
+#if defined(__SSE2__)
+  auto* d = static_cast<unsigned char*>(dst);
+  const __m128i zero = _mm_setzero_si128();
+  size_t i = 0;
+  for (; i + 16 <= bytes; i += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), zero);
+  std::memset(d + i, 0, bytes - i);
+#else
+  std::memset(dst, 0, bytes);
+#endif
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_span(scalar_t* __restrict__ out, const scalar_t* __restrict__ base, const scalar_t* __restrict__ bp,
-                  int64_t n, acc_t alpha) {
+KASMINA_NOINLINE void forward_run(scalar_t* __restrict__ out, const scalar_t* __restrict__ base, const scalar_t* __restrict__ bp,
+                 const acc_t* __restrict__ weight, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     out[i] = static_cast<scalar_t>(
-        blend_value<acc_t>(static_cast<acc_t>(base[i]), static_cast<acc_t>(bp[i]), alpha));
+        blend_value<acc_t>(static_cast<acc_t>(base[i]), static_cast<acc_t>(bp[i]), weight[i]));
   }
 }
 
@@ -66,57 +163,36 @@ template <typename scalar_t, typename acc_t>
 void forward_kernel(const BlendArgs& a, at::Tensor& out) {
   const scalar_t* base = a.base.data_ptr<scalar_t>();
   const scalar_t* bp = a.blueprint.data_ptr<scalar_t>();
-  const acc_t* alpha = a.alpha.data_ptr<acc_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
-  const int64_t S = a.num_chunks;
-  const std::vector<int64_t> begins = chunk_begins(a.dim, S);
-  const int64_t segments = a.rows * S;
-  for_each_task(segments, task_count(segments, a.rows * a.dim), [&](int64_t seg_begin, int64_t seg_end, int64_t) {
-    int64_t row = seg_begin / S;
-    int64_t s = seg_begin % S;
-    for (int64_t seg = seg_begin; seg < seg_end; ++seg) {
-      const int64_t offset = row * a.dim + begins[s];
-      const int64_t n = begins[s + 1] - begins[s];
-      if (chunk_active(alpha[s])) {
-        forward_span<scalar_t, acc_t>(o + offset, base + offset, bp + offset, n, alpha[s]);
-      } else {
-        std::memcpy(o + offset, base + offset, static_cast<size_t>(n) * sizeof(scalar_t));
-      }
-      if (++s == S) {
-        s = 0;
-        ++row;
-      }
+  const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, a.num_chunks);
+  const acc_t* weight = layout.weight.data();
+  layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t offset = row * a.dim;
+      layout.for_each_run(c0, c1, [&](int64_t lo, int64_t hi, bool active) {
+        if (active) {
+          forward_run<scalar_t, acc_t>(o + offset + lo, base + offset + lo, bp + offset + lo, weight + lo, hi - lo);
+        } else {
+          copy_bytes(o + offset + lo, base + offset + lo, static_cast<size_t>(hi - lo) * sizeof(scalar_t));
+        }
+      });
     }
   });
 }
 
-// One active span of the backward pass; returns its grad_alpha contribution (0 unless NA).
+// One active run of one row of the backward pass; adds its grad_alpha terms to colsum.
 template <typename scalar_t, typename acc_t, bool NB, bool NP, bool NA>
-acc_t backward_span(const scalar_t* __restrict__ g, const scalar_t* __restrict__ base,
-                    const scalar_t* __restrict__ bp, scalar_t* __restrict__ gb, scalar_t* __restrict__ gp, int64_t n,
-                    acc_t alpha) {
-  acc_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const acc_t gv = static_cast<acc_t>(g[i + j]);
-      if constexpr (NB) gb[i + j] = static_cast<scalar_t>(grad_base_value<acc_t>(gv, alpha));
-      if constexpr (NP) gp[i + j] = static_cast<scalar_t>(grad_blueprint_value<acc_t>(gv, alpha));
-      if constexpr (NA) {
-        lanes[j] += grad_alpha_term<acc_t>(gv, static_cast<acc_t>(base[i + j]), static_cast<acc_t>(bp[i + j]));
-      }
+KASMINA_NOINLINE void backward_run(const scalar_t* __restrict__ g, const scalar_t* __restrict__ base, const scalar_t* __restrict__ bp,
+                  scalar_t* __restrict__ gb, scalar_t* __restrict__ gp, const acc_t* __restrict__ weight,
+                  acc_t* __restrict__ colsum, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t gv = static_cast<acc_t>(g[i]);
+    if constexpr (NB) gb[i] = static_cast<scalar_t>(grad_base_value<acc_t>(gv, weight[i]));
+    if constexpr (NP) gp[i] = static_cast<scalar_t>(grad_blueprint_value<acc_t>(gv, weight[i]));
+    if constexpr (NA) {
+      colsum[i] += grad_alpha_term<acc_t>(gv, static_cast<acc_t>(base[i]), static_cast<acc_t>(bp[i]));
     }
   }
-  for (int j = 0; i < n; ++i, ++j) {
-    const acc_t gv = static_cast<acc_t>(g[i]);
-    if constexpr (NB) gb[i] = static_cast<scalar_t>(grad_base_value<acc_t>(gv, alpha));
-    if constexpr (NP) gp[i] = static_cast<scalar_t>(grad_blueprint_value<acc_t>(gv, alpha));
-    if constexpr (NA) lanes[j] += grad_alpha_term<acc_t>(gv, static_cast<acc_t>(base[i]), static_cast<acc_t>(bp[i]));
-  }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
-  }
-  return lanes[0];
 }
 
 template <typename scalar_t, typename acc_t, bool NB, bool NP, bool NA>
@@ -125,35 +201,44 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
   const scalar_t* g = grad.data_ptr<scalar_t>();
   const scalar_t* base = a.base.data_ptr<scalar_t>();
   const scalar_t* bp = a.blueprint.data_ptr<scalar_t>();
-  const acc_t* alpha = a.alpha.data_ptr<acc_t>();
   scalar_t* gb = NB ? grad_base.data_ptr<scalar_t>() : nullptr;
   scalar_t* gp = NP ? grad_bp.data_ptr<scalar_t>() : nullptr;
+  const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, a.num_chunks);
+  const acc_t* weight = layout.weight.data();
   const int64_t S = a.num_chunks;
-  const std::vector<int64_t> begins = chunk_begins(a.dim, S);
-  const int64_t segments = a.rows * S;
-  const int64_t num_tasks = task_count(segments, a.rows * a.dim);
-  std::vector<double> partials(NA ? static_cast<size_t>(num_tasks * S) : 0, 0.0);
+  std::vector<double> partials(NA ? static_cast<size_t>(layout.num_tasks * S) : 0, 0.0);
 
-  for_each_task(segments, num_tasks, [&](int64_t seg_begin, int64_t seg_end, int64_t task) {
-    double* partial = NA ? partials.data() + task * S : nullptr;
-    int64_t row = seg_begin / S;
-    int64_t s = seg_begin % S;
-    for (int64_t seg = seg_begin; seg < seg_end; ++seg) {
-      const int64_t offset = row * a.dim + begins[s];
-      const int64_t n = begins[s + 1] - begins[s];
-      if (chunk_active(alpha[s])) {
-        const acc_t sum = backward_span<scalar_t, acc_t, NB, NP, NA>(
-            g + offset, base + offset, bp + offset, NB ? gb + offset : nullptr, NP ? gp + offset : nullptr, n,
-            alpha[s]);
-        if constexpr (NA) partial[s] += static_cast<double>(sum);
-      } else {
-        // alpha == 0: out == base, so grad_base = g and nothing flows to blueprint_out or alpha.
-        if constexpr (NB) std::memcpy(gb + offset, g + offset, static_cast<size_t>(n) * sizeof(scalar_t));
-        if constexpr (NP) std::memset(static_cast<void*>(gp + offset), 0, static_cast<size_t>(n) * sizeof(scalar_t));
-      }
-      if (++s == S) {
-        s = 0;
-        ++row;
+  // Per-feature sums of the current tile, one buffer per task (a task runs its tiles in turn).
+  std::vector<acc_t> colsums(NA ? static_cast<size_t>(layout.num_tasks * layout.tile_cols) : 0);
+
+  layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t task) {
+    acc_t* colsum = NA ? colsums.data() + task * layout.tile_cols : nullptr;
+    if constexpr (NA) std::fill(colsum, colsum + (c1 - c0), acc_t(0));
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t offset = row * a.dim;
+      layout.for_each_run(c0, c1, [&](int64_t lo, int64_t hi, bool active) {
+        const int64_t at = offset + lo;
+        if (active) {
+          backward_run<scalar_t, acc_t, NB, NP, NA>(g + at, base + at, bp + at, NB ? gb + at : nullptr,
+                                                    NP ? gp + at : nullptr, weight + lo,
+                                                    NA ? colsum + (lo - c0) : nullptr, hi - lo);
+        } else {
+          // alpha == 0: out == base, so grad_base = g and nothing flows to blueprint_out or alpha.
+          const size_t bytes = static_cast<size_t>(hi - lo) * sizeof(scalar_t);
+          if constexpr (NB) copy_bytes(gb + at, g + at, bytes);
+          if constexpr (NP) zero_bytes(gp + at, bytes);
+        }
+      });
+    }
+    if constexpr (NA) {
+      double* partial = partials.data() + task * S;
+      for (int64_t s = chunk_of(c0, a.dim, S); s < S && layout.begins[s] < c1; ++s) {
+        if (!chunk_active(weight[layout.begins[s]])) continue;
+        double sum = 0.0;
+        for (int64_t d = std::max(layout.begins[s], c0); d < std::min(layout.begins[s + 1], c1); ++d) {
+          sum += static_cast<double>(colsum[d - c0]);
+        }
+        partial[s] += sum;
       }
     }
   });
@@ -163,9 +248,7 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
     acc_t* out = sums.data_ptr<acc_t>();
     for (int64_t s = 0; s < S; ++s) {
       double total = 0.0;
-      if (chunk_active(alpha[s])) {
-        for (int64_t task = 0; task < num_tasks; ++task) total += partials[static_cast<size_t>(task * S + s)];
-      }
+      for (int64_t task = 0; task < layout.num_tasks; ++task) total += partials[static_cast<size_t>(task * S + s)];
       out[s] = static_cast<acc_t>(total);
     }
     grad_alpha.copy_(sums);
