@@ -72,7 +72,8 @@ def plot_lifecycle(records: list[dict[str, Any]], path: Path, num_seeds: int) ->
     bottom.plot(epochs, [r["train_loss"] for r in records], label="train loss", color="#6baed6")
     val_loss = np.array([r["val_loss"] for r in records])
     bottom.plot(epochs, val_loss, label="validation loss", color="#08519c")
-    bottom.set_ylabel("cross-entropy")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("cross-entropy (log scale)")
     bottom.set_xlabel("epoch")
     accuracy_axis = bottom.twinx()
     accuracy_axis.plot(epochs, [r["val_accuracy"] for r in records], label="validation accuracy", color="#636363", linestyle="--")
@@ -85,7 +86,8 @@ def plot_lifecycle(records: list[dict[str, Any]], path: Path, num_seeds: int) ->
             if mark is None:
                 continue
             marker, colour, label = mark
-            y = val_loss[index[int(record["epoch"])]]
+            # Germinations sit just below the validation curve, outcomes just above it.
+            y = val_loss[index[int(record["epoch"])]] * (0.85 if label == "germinated" else 1.18)
             bottom.scatter([record["epoch"]], [y], marker=marker, color=colour, s=90, zorder=5,
                            label=None if label in shown else label)  # fmt: skip
             shown.add(label)
