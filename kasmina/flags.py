@@ -18,7 +18,8 @@ What each switch does:
 
 ``enabled``
     Master switch. When false, no layer gets seeds: :meth:`FeatureFlags.wrap` returns
-    the host module itself, an exact pass-through.
+    the host module itself, an exact pass-through, and :meth:`FeatureFlags.apply`
+    unwraps a seeded layer back to its host (refused while a seed contributes).
 ``rollout_percentage``
     0–100. A layer id is hashed with SHA-256 into a bucket 0–99 (the same on every
     process and machine); the layer is enabled when ``enabled`` is true and its bucket is
@@ -192,6 +193,33 @@ class FeatureFlags:
                 f"grafting strategy {name!r} is disabled by {_TOP_KEY}.features.adaptive_grafting=false; pick another strategy"
             )
         return name
+
+    def apply(
+        self,
+        module: nn.Module,
+        layer_id: str,
+        num_seeds: int,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        **layer_kwargs: Any,
+    ) -> nn.Module:
+        """Bring ``module`` in line with the flags: wrap a plain host the rollout covers
+        (:meth:`wrap`), keep a seeded layer it covers, and unwrap a seeded layer it no
+        longer covers back to its host, which is exact only while no seed contributes
+        to the output; a layer with a contributing seed (alpha > 0, e.g. FOSSILIZED) is
+        refused rather than silently changed."""
+        from .layer import ChunkedKasminaLayer
+
+        if not isinstance(module, ChunkedKasminaLayer):
+            return self.wrap(module, layer_id, num_seeds, checkpoint_dir, **layer_kwargs)
+        if self.is_enabled_for(layer_id):
+            return module
+        contributing = (module.get_alpha() > 0).nonzero().flatten().tolist()
+        if contributing:
+            raise FeatureFlagError(
+                f"layer {layer_id!r} is outside the rollout but seeds {contributing} contribute to its output; "
+                "unwrapping it would change the model (keep it enabled, or retire those seeds first)"
+            )
+        return module.base_layer
 
     def wrap(
         self,

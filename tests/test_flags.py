@@ -157,3 +157,27 @@ def test_wrap_disabled_is_the_host_itself_and_enabled_is_a_seeded_layer(tmp_path
     assert layer.lifecycle.checkpoint_manager is None and not (tmp_path / "other").exists()
     with pytest.raises(FeatureFlagError, match="pass checkpoint_dir"):
         everyone.wrap(host, "enc", num_seeds=2, checkpoint_manager=object())
+
+
+def test_apply_wraps_keeps_and_unwraps():
+    from torch import nn
+
+    from kasmina import LifecyclePolicy
+    from kasmina.layer import ChunkedKasminaLayer
+
+    host = nn.Linear(6, 4)
+    on = FeatureFlags(enabled=True, rollout_percentage=100)
+    off = FeatureFlags(enabled=False)
+    layer = on.apply(host, "enc", num_seeds=2)
+    assert isinstance(layer, ChunkedKasminaLayer) and on.apply(layer, "enc", num_seeds=2) is layer
+    assert off.apply(host, "enc", num_seeds=2) is host
+    assert off.apply(layer, "enc", num_seeds=2) is host  # nothing contributes: back to the host
+
+    policy = LifecyclePolicy.default().with_overrides(min_epochs={"TRAINING": 0, "GRAFTING": 1})
+    grown = ChunkedKasminaLayer(host, 2, layer_id="enc", policy=policy)
+    assert grown.germinate(1, "mlp").success
+    assert grown.transition(1, "GERMINATED", "TRAINING").success
+    assert grown.transition(1, "TRAINING", "GRAFTING", {"reconstruction_loss": 0.0}).success
+    grown.step_epoch()  # the ramp of one epoch: alpha 1
+    with pytest.raises(FeatureFlagError, match=r"seeds \[1\] contribute"):
+        off.apply(grown, "enc", num_seeds=2)
