@@ -150,7 +150,8 @@ def bench_payloads(report: Report, root: Path, repeats: int) -> None:
             vs_bare=_ratio(save_d, bare_d),
             ref_torch=torch_save,
             vs_torch=_ratio(save_d, torch_save),
-            target=_verdict(save_d.median < 10e-3 and _ratio(save_d, bare_d) <= 1.5),
+            target=f"<= 1.5x bare: {_verdict(_ratio(save_d, bare_d) <= 1.5)}; < 10 ms: {_verdict(save_d.median < 10e-3)}"
+            + ("" if bare_d.median < 10e-3 else " (the bare write alone takes longer)"),
         )
         report.add(
             f"save {label} durable=False",
@@ -160,7 +161,7 @@ def bench_payloads(report: Report, root: Path, repeats: int) -> None:
             vs_bare=_ratio(save_f, bare_f),
             ref_torch=torch_save,
             vs_torch=_ratio(save_f, torch_save),
-            target=_verdict(save_f.median < 10e-3),
+            target=f"< 10 ms: {_verdict(save_f.median < 10e-3)}",
         )
         limit = 2e-3 if nbytes == 64 << 10 else 20e-3
         report.add(
@@ -171,7 +172,7 @@ def bench_payloads(report: Report, root: Path, repeats: int) -> None:
             vs_bare=_ratio(restore, bare_r),
             ref_torch=torch_load,
             vs_torch=_ratio(restore, torch_load),
-            target=_verdict(restore.median <= limit),
+            target=f"<= {limit * 1e3:.0f} ms: {_verdict(restore.median <= limit)}",
         )
 
 
@@ -195,7 +196,7 @@ def bench_listing(report: Report, root: Path, count: int, repeats: int) -> None:
         (f"list {count}, all (cached index)", everything),
         (f"list {count}, cold start (new manager reads every sidecar)", cold),
     ):
-        report.add(case, p50=stats, p99=format_seconds(stats.p99), target=_verdict(stats.median <= 50e-3))
+        report.add(case, p50=stats, p99=format_seconds(stats.p99), target=f"<= 50 ms: {_verdict(stats.median <= 50e-3)}")
 
 
 def bench_layer(report: Report, root: Path, num_seeds: int, repeats: int) -> None:
