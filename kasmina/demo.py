@@ -13,6 +13,12 @@ epoch), ``lifecycle.png``, ``summary.json`` and ``checkpoints/`` (one whole-laye
 checkpoint per epoch holding everything needed to resume: the layer, the rest of the
 model, the optimizer, the controller and the RNG). ``--resume`` continues from the
 newest checkpoint that verifies, and finishes in the same state as an uninterrupted run.
+With ``--tensorboard`` the same metrics also go to ``<run>/tensorboard``.
+
+Blueprint parameters join the optimizer (Adam) through ``layer.sync_optimizer`` in
+their own groups with ``blueprint_lr`` (1e-2, the host uses 3e-3): a seed must learn its
+reconstruction within its TRAINING budget. The run uses one CPU thread (see
+:func:`run_demo`), so it is bit-reproducible on CPU.
 """
 
 from __future__ import annotations
