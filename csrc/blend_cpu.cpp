@@ -23,10 +23,15 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define KASMINA_HAS_F16C_PATH 1
 #endif
 
 #include "blend_args.h"
@@ -150,12 +155,66 @@ KASMINA_NOINLINE void zero_bytes(void* dst, size_t bytes) {
 #endif
 }
 
+// float16 <-> float32 for the staged float16 loops. c10::Half's scalar conversion does
+// not vectorise; F16C converts 8 at a time (round to nearest even, like c10::Half).
+#if defined(KASMINA_HAS_F16C_PATH)
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+__attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
+bool cpu_has_f16c() {
+  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+void half_to_float(const c10::Half* src, float* dst, int64_t n) {
+#if defined(KASMINA_HAS_F16C_PATH)
+  if (cpu_has_f16c()) return half_to_float_f16c(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+void float_to_half(const float* src, c10::Half* dst, int64_t n) {
+#if defined(KASMINA_HAS_F16C_PATH)
+  if (cpu_has_f16c()) return float_to_half_f16c(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
+// float16 runs are computed in stages of kStage elements through float32 buffers.
+constexpr int64_t kStage = 512;
+
 template <typename scalar_t, typename acc_t>
 KASMINA_NOINLINE void forward_run(scalar_t* __restrict__ out, const scalar_t* __restrict__ base, const scalar_t* __restrict__ bp,
                  const acc_t* __restrict__ weight, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<scalar_t>(
-        blend_value<acc_t>(static_cast<acc_t>(base[i]), static_cast<acc_t>(bp[i]), weight[i]));
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    float b[kStage], p[kStage], o[kStage];
+    for (int64_t i = 0; i < n; i += kStage) {
+      const int64_t m = std::min(kStage, n - i);
+      half_to_float(base + i, b, m);
+      half_to_float(bp + i, p, m);
+      forward_run<float, float>(o, b, p, weight + i, m);
+      float_to_half(o, out + i, m);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = static_cast<scalar_t>(
+          blend_value<acc_t>(static_cast<acc_t>(base[i]), static_cast<acc_t>(bp[i]), weight[i]));
+    }
   }
 }
 
@@ -185,12 +244,27 @@ template <typename scalar_t, typename acc_t, bool NB, bool NP, bool NA>
 KASMINA_NOINLINE void backward_run(const scalar_t* __restrict__ g, const scalar_t* __restrict__ base, const scalar_t* __restrict__ bp,
                   scalar_t* __restrict__ gb, scalar_t* __restrict__ gp, const acc_t* __restrict__ weight,
                   acc_t* __restrict__ colsum, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t gv = static_cast<acc_t>(g[i]);
-    if constexpr (NB) gb[i] = static_cast<scalar_t>(grad_base_value<acc_t>(gv, weight[i]));
-    if constexpr (NP) gp[i] = static_cast<scalar_t>(grad_blueprint_value<acc_t>(gv, weight[i]));
-    if constexpr (NA) {
-      colsum[i] += grad_alpha_term<acc_t>(gv, static_cast<acc_t>(base[i]), static_cast<acc_t>(bp[i]));
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    float fg[kStage], fb[kStage], fp[kStage], fgb[kStage], fgp[kStage];
+    for (int64_t i = 0; i < n; i += kStage) {
+      const int64_t m = std::min(kStage, n - i);
+      half_to_float(g + i, fg, m);
+      if constexpr (NA) {
+        half_to_float(base + i, fb, m);
+        half_to_float(bp + i, fp, m);
+      }
+      backward_run<float, float, NB, NP, NA>(fg, fb, fp, fgb, fgp, weight + i, NA ? colsum + i : nullptr, m);
+      if constexpr (NB) float_to_half(fgb, gb + i, m);
+      if constexpr (NP) float_to_half(fgp, gp + i, m);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t gv = static_cast<acc_t>(g[i]);
+      if constexpr (NB) gb[i] = static_cast<scalar_t>(grad_base_value<acc_t>(gv, weight[i]));
+      if constexpr (NP) gp[i] = static_cast<scalar_t>(grad_blueprint_value<acc_t>(gv, weight[i]));
+      if constexpr (NA) {
+        colsum[i] += grad_alpha_term<acc_t>(gv, static_cast<acc_t>(base[i]), static_cast<acc_t>(bp[i]));
+      }
     }
   }
 }
