@@ -7,6 +7,14 @@ driven by the lifecycle in ``spec/lifecycle.yaml``.
 
 from ._extension import StaleExtensionError, backend, backend_description
 from ._generated.lifecycle_tables import SPEC_SHA256
+from .blueprints import (
+    DEFAULT_BLUEPRINTS,
+    BlueprintKind,
+    BlueprintRegistry,
+    LowRankBlueprint,
+    MLPBlueprint,
+    ResidualLinearBlueprint,
+)
 from .checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
@@ -42,6 +50,7 @@ from .grafting import (
     MomentumGrafting,
     StabilityGrafting,
 )
+from .layer import ChunkedKasminaLayer, EpochReport, LifecycleCommand
 from .lifecycle import CONTEXT_FIELDS, ExtendedLifecycle, Reason, StateTransition, TransitionContext
 from .manager import LifecycleManager, TransitionResult
 from .policy import LifecyclePolicy
@@ -52,19 +61,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CONTEXT_FIELDS",
+    "DEFAULT_BLUEPRINTS",
     "SPEC_SHA256",
     "AdaptiveGrafting",
+    "BlueprintKind",
+    "BlueprintRegistry",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointRecovery",
     "CheckpointWriteError",
+    "ChunkedKasminaLayer",
     "CommandBatch",
     "CommandKind",
     "ControllerConfig",
     "DistributedSyncError",
     "DriftControlledGrafting",
+    "EpochReport",
     "ExtendedLifecycle",
     "ExtendedStateTensor",
     "ExtendedTelemetry",
@@ -73,13 +87,17 @@ __all__ = [
     "GraftingContext",
     "GraftingStrategyBase",
     "KasminaDDP",
+    "LifecycleCommand",
     "LifecycleManager",
     "LifecyclePolicy",
     "LifecycleSync",
     "LinearGrafting",
+    "LowRankBlueprint",
+    "MLPBlueprint",
     "MomentumGrafting",
     "RankDivergenceError",
     "Reason",
+    "ResidualLinearBlueprint",
     "SeedCommand",
     "SeedController",
     "StabilityGrafting",
