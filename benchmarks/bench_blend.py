@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks._harness import Report, copy_rate, measure, parse_args
+from benchmarks._harness import Report, Stats, measure, parse_args
 from kasmina import ops
 from kasmina._reference import chunk_widths
 
@@ -77,6 +77,20 @@ def forward_backward(fn: Blend, leaves: list[torch.Tensor], grad: torch.Tensor) 
     return step
 
 
+def interleaved(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int) -> dict[str, Stats]:
+    """Median-ready samples of every step, taken in turn (one sample of each per round),
+    so that load from other processes falls on all of them alike."""
+    inner = {}
+    for name, step in steps.items():
+        warm = measure(step, device=device, warmup=2, repeats=1)
+        inner[name] = max(1, int(5e-3 / max(warm.median, 1e-7)))  # about 5 ms per sample
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            samples[name] += measure(step, device=device, warmup=0, repeats=1, inner=inner[name]).samples
+    return {name: Stats(tuple(values)) for name, values in samples.items()}
+
+
 def run_case(case: Case, args, report: Report) -> None:
     device = torch.device(args.device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -100,18 +114,20 @@ def run_case(case: Case, args, report: Report) -> None:
         "compile": torch.compile(eager, fullgraph=True, dynamic=False),
     }
     element = base.element_size() * base.numel()
-    rate, _ = copy_rate(element, device=device, repeats=args.repeats)
     # Bytes the op must move: forward reads base and the active part of bp, writes out;
     # backward reads grad, base and the active part of bp, writes grad_base and grad_bp.
     needed = {"fwd": element * (2 + active), "fwd+bwd": element * (2 + active) + element * (4 + active)}
 
     leaves = [t.clone().requires_grad_(True) for t in (base, bp, alpha)]
     for mode in ("fwd", "fwd+bwd"):
-        times = {}
-        for name, fn in variants.items():
-            step = forward_only(fn, base, bp, alpha) if mode == "fwd" else forward_backward(fn, leaves, grad)
-            times[name] = measure(step, device=device, repeats=args.repeats, warmup=3)
+        steps = {
+            name: forward_only(fn, base, bp, alpha) if mode == "fwd" else forward_backward(fn, leaves, grad)
+            for name, fn in variants.items()
+        }
+        steps["clone"] = base.clone  # the memory-traffic reference: moves 2 * element bytes
+        times = interleaved(steps, device, args.repeats)
         k = times["kasmina"].median
+        rate = 2 * element / times["clone"].median
         report.add(
             f"{case.name} {mode}",
             kasmina=times["kasmina"],
@@ -129,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     report.note(
         "bound: time of the bytes the op must move at the rate of a same-size clone in this run, over the kasmina "
         "time (1.0 = copy speed); x_*: speed-up of kasmina over eager composite / torch.lerp / torch.compile "
-        "(medians). Shared, noisy machine: compare ratios, not times."
+        "(medians of samples taken in turn). Shared, noisy machine: compare ratios, not times."
     )
     for case in QUICK_CASES if args.quick else CASES:
         run_case(case, args, report)
