@@ -10,7 +10,9 @@ For 10K, 100K and 1M seeds (10K and 100K with ``--quick``):
 - ``step_epoch``: one lifecycle epoch for every seed.
 
 Columns: ``seeds/s``; ``bound`` = time a ``clone`` of the bytes the op must touch takes
-(measured in the same run) / kasmina time (1.0 = at the memory-copy rate); ``x_ref`` =
+(measured in the same run) / kasmina time (1.0 = at the memory-copy rate), ``bound_copy``
+the same against a copy into an existing buffer (a clone also pays for a fresh allocation
+and its page faults); ``x_ref`` =
 speed-up over the pure-torch reference; ``x_transitions`` = per-seed throughput over the
 ``transitions`` library driving one Machine per seed (measured at a size it can handle).
 Then the p50 latency of one ``LifecycleManager.request_transition`` (accepted and refused)
@@ -62,6 +64,14 @@ def measure_with_setup(setup: Callable[[], None], fn: Callable[[], object], devi
     return Stats(tuple(samples))
 
 
+def copy_into(nbytes: int, device: torch.device, repeats: int) -> Stats:
+    """Time of a copy of ``nbytes`` into an existing buffer (no allocation, no page faults):
+    the steady-state memory-copy reference, next to the harness's ``clone``."""
+    src = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    return measure(lambda: dst.copy_(src), device=device, repeats=repeats)
+
+
 def passing_value(clause: tuple, params: tuple[float, ...]) -> float:
     _, _, op, rhs_is_value, param, value = clause
     rhs = value if rhs_is_value else params[param]
@@ -70,32 +80,35 @@ def passing_value(clause: tuple, params: tuple[float, ...]) -> float:
 
 def realistic_batch(n: int, gen: torch.Generator):
     """Seeds spread over every state with 0..199 epochs, and one request per seed in random
-    order: ~55% valid moves with their guards met, 10% guarded moves with failing or missing
-    metrics, 10% invalid edges, 10% stale from-states, 5% unknown seeds, 10% duplicates."""
+    order: ~55% moves along an edge of the seed's state with the guard met, 10% guarded moves
+    with the metrics missing, 10% invalid edges, 10% stale from-states, 5% unknown seeds,
+    10% duplicates (some moves also come too early: MIN_EPOCHS)."""
     policy = LifecyclePolicy.default()
     states = torch.randint(0, T.NUM_STATES, (n,), generator=gen)
     epochs = torch.randint(0, 200, (n,), generator=gen)
     ids = torch.randperm(n, generator=gen)
     current = states[ids]
-    # A random outgoing edge of each seed's state (FOSSILIZED has none: an invalid request).
+    kind = torch.rand(n, generator=gen)
+    # A random outgoing edge of each seed's state (FOSSILIZED has none: an invalid request);
+    # the first tenth of the requests prefer a guarded edge and leave its metrics missing.
     out_edges = [[e for e, (a, _) in enumerate(T.EDGES) if a == s] or [-1] for s in range(T.NUM_STATES)]
-    pick = torch.rand(n, generator=gen)
-    edge = torch.tensor([out_edges[s][int(p * len(out_edges[s]))] for s, p in zip(current.tolist(), pick.tolist(),
-                                                                                       strict=True)])
+    guarded_out = [[e for e in edges if e >= 0 and T.EDGE_GUARD[e] >= 0] or edges for edges in out_edges]
+    pick = torch.rand(n, generator=gen).tolist()
+    fail_guard = (kind < 0.10).tolist()
+    edge = torch.tensor([
+        (guarded_out if fail else out_edges)[s][int(p * len((guarded_out if fail else out_edges)[s]))]
+        for s, p, fail in zip(current.tolist(), pick, fail_guard, strict=True)
+    ])
     targets = torch.tensor([b for _, b in T.EDGES])
     # No outgoing edge: ask for a self-loop, which the lifecycle does not have.
     from_states, to_states = current.clone(), torch.where(edge >= 0, targets[edge.clamp(min=0)], current)
     context = torch.full((n, len(T.CONTEXT_FIELDS)), math.nan)
     for e, guard in enumerate(T.EDGE_GUARD):
         if guard >= 0:
-            rows = edge == e
+            rows = (edge == e) & ~torch.tensor(fail_guard)
             clauses = [c for c in T.GUARD_CLAUSES[guard] if not c[0]]
             for clause in clauses[:1] if T.GUARD_IS_ANY[guard] else clauses:
                 context[rows, clause[1]] = passing_value(clause, policy.params)
-    kind = torch.rand(n, generator=gen)
-    guarded = torch.tensor([T.EDGE_GUARD[e] >= 0 if e >= 0 else False for e in edge.tolist()])
-    fail_guard = (kind < 0.10) & guarded
-    context[fail_guard] = context[fail_guard] * 10 + 1  # pushes every threshold the wrong way
     invalid = (kind >= 0.10) & (kind < 0.20)
     to_states[invalid] = torch.randint(0, T.NUM_STATES, (int(invalid.sum()),), generator=gen)
     stale = (kind >= 0.20) & (kind < 0.30)
@@ -140,6 +153,7 @@ def bench_batched(n: int, args, report: Report, transitions_cost: float) -> None
         time=apply,
         seeds_per_s=n / apply.median,
         bound=bound / apply.median,
+        bound_copy=copy_into(REQUEST_BYTES * n, device, args.repeats).median / apply.median,
         x_ref=ref.median / apply.median,
         x_transitions=(n / apply.median) * transitions_cost,
         spread=apply.spread,
@@ -157,6 +171,7 @@ def bench_batched(n: int, args, report: Report, transitions_cost: float) -> None
         time=step,
         seeds_per_s=n / step.median,
         bound=(2 * state_bytes / rate) / step.median,
+        bound_copy=copy_into(state_bytes, device, args.repeats).median / step.median,
         x_ref=ref_step.median / step.median,
         x_transitions=(n / step.median) * transitions_epoch_cost(),
         spread=step.spread,
@@ -249,10 +264,10 @@ def transitions_epoch_cost() -> float:
 def bench_single(args, report: Report) -> None:
     device = torch.device(args.device)
     repeats = 2000 if args.quick else 20000
-    st = ExtendedStateTensor(repeats + 10, device=device)
+    st = ExtendedStateTensor(repeats + 100, device=device)
     manager = LifecycleManager(st)
     dormant, germinated = ExtendedLifecycle.DORMANT, ExtendedLifecycle.GERMINATED
-    counter = iter(range(repeats + 10))
+    counter = iter(range(repeats + 100))
 
     def accepted() -> None:
         manager.request_transition(next(counter), dormant, germinated)
@@ -298,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_batched(n, args, report, per_request)
     bench_single(args, report)
     report.note("bound: the time a clone of the bytes the op touches takes / the op's time (1.0 = memory-copy rate); "
+                "bound_copy: the same with a copy into an existing buffer (no allocation); "
                 f"apply counts {REQUEST_BYTES} B per request, step_epoch the whole state tensor")
     report.note(f"noisy shared machine: the spread column is (p90 - p10) / median; median of {args.repeats} repeats")
     report.finish()

@@ -42,7 +42,7 @@ void check_vector(const at::Tensor& t, const char* name, int64_t length) {
 
 // Requests handled per task of at::parallel_for: below this a batch runs on the calling
 // thread (thread start-up costs more than the work).
-constexpr int64_t kRequestGrain = 1 << 15;
+constexpr int64_t kRequestGrain = 1 << 16;
 // How many requests ahead the loops prefetch the rows they will touch (random access).
 constexpr int64_t kPrefetchAhead = 12;
 // Distance between the stages of the apply pipeline (see apply_range).

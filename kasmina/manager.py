@@ -31,7 +31,7 @@ from ._generated.lifecycle_tables import (
     StateColumn,
 )
 from .checkpoint import CheckpointManager, TransitionCheckpoint, checkpoint_after_transition, validate_layer_id
-from .lifecycle import StateTransition, TransitionContext, context_row, format_reason
+from .lifecycle import StateTransition, TransitionContext, context_row, format_reason, state_name
 from .policy import LifecyclePolicy, resolve_state
 from .state import ExtendedStateTensor
 
@@ -39,14 +39,15 @@ __all__ = ["LifecycleManager", "TransitionCallback", "TransitionRecord", "Transi
 
 logger = logging.getLogger("kasmina.lifecycle")
 _REASONS = tuple(Reason(code) for code in range(len(REASON_NAMES)))
+_NO_CHECKPOINT = TransitionCheckpoint(None, None, None)
 
 TransitionCallback = Callable[[int, ExtendedLifecycle, ExtendedLifecycle, TransitionContext], Any]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TransitionResult:
-    """Answer to one request. Unpacks as ``success, error = result`` (``error`` is None on
-    success). ``callback_errors`` lists callbacks that raised after the commit (the
+    """Answer to one request (treat as read-only). Unpacks as ``success, error = result``
+    (``error`` is None on success). ``callback_errors`` lists callbacks that raised after the commit (the
     transition stands). With a checkpoint manager, ``checkpoint_id`` names the ``high``
     checkpoint saved after the commit, or ``checkpoint_error`` says why the save failed
     (the transition stands; the seed's ERROR_COUNT was incremented)."""
@@ -69,9 +70,9 @@ class TransitionResult:
         return self.success
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TransitionRecord:
-    """One entry of the manager's log: a single request (``seed_id`` set) or a batched
+    """One entry of the manager's log (treat as read-only): a single request (``seed_id`` set) or a batched
     call (``seed_id`` None, ``batch_size`` requests, ``reason_counts`` by reason name)."""
 
     time: float
@@ -91,21 +92,38 @@ class _SingleRequest:
     """Reusable (1,)-sized request tensors for single requests (used under the lock)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.ids = torch.zeros(1, dtype=torch.int64)
-        self.src = torch.zeros(1, dtype=torch.int32)
-        self.dst = torch.zeros(1, dtype=torch.int32)
-        self.ctx = torch.zeros(1, len(CONTEXT_FIELDS), dtype=torch.float32)
-        self.host = (self.ids.numpy(), self.src.numpy(), self.dst.numpy(), self.ctx.numpy())
+        # seed id, from, to in one int64 buffer: one NumPy store fills all three.
+        self.request = torch.zeros(3, dtype=torch.int64)
+        self.ids, self.src, self.dst = self.request[0:1], self.request[1:2], self.request[2:3]
+        self.ctx = torch.full((1, len(CONTEXT_FIELDS)), math.nan, dtype=torch.float32)
+        self.host = (self.request.numpy(), self.ctx.numpy())
+        self.ctx_is_nan = True
         self.device = device
+        self.policy: LifecyclePolicy | None = None
+        self.policy_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The compiled op itself where it serves this device (skips the dispatch in ops).
+        direct = ops._lifecycle_kernel(torch.empty(0, device=device)) and device.type == "cpu"
+        self.op = torch.ops.kasmina.apply_transitions.default if direct else ops.apply_transitions
 
     def fill(self, seed_id: int, src: int, dst: int, metrics: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
-        ids, srcs, dsts, ctx = self.host
-        ids[0], srcs[0], dsts[0] = seed_id, src, dst
-        ctx[0] = context_row(metrics) if metrics else math.nan
+        request, ctx = self.host
+        request[:] = (seed_id, src, dst)
+        if metrics:
+            ctx[0] = context_row(metrics)
+            self.ctx_is_nan = False
+        elif not self.ctx_is_nan:
+            ctx[0] = math.nan
+            self.ctx_is_nan = True
         tensors = (self.ids, self.src, self.dst, self.ctx)
         if self.device.type != "cpu":
             tensors = tuple(t.to(self.device) for t in tensors)
         return tensors
+
+    def tensors_of(self, policy: LifecyclePolicy) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's kernel tensors on this device (cached for the current policy)."""
+        if policy is not self.policy:
+            self.policy, self.policy_tensors = policy, policy.tensors(self.device)
+        return self.policy_tensors
 
 
 class LifecycleManager:
@@ -198,23 +216,11 @@ class LifecycleManager:
                 single = self._single = _SingleRequest(device)
             ids, srcs, dsts, ctx = single.fill(seed_id, src, dst, metrics)
             validator = self._validator
-            min_epochs, params = self._policy.tensors(device)
-            codes = ops.apply_transitions(
-                state_t, buffers["history"], buffers["history_count"], ids, srcs, dsts, ctx, min_epochs, params
-            )
+            min_epochs, params = single.tensors_of(self._policy)
+            codes = single.op(state_t, buffers["history"], buffers["history_count"], ids, srcs, dsts, ctx, min_epochs, params)
             code = _REASONS[codes.item()]
-            snapshot = None if code is Reason.OK else state_t[seed_id].tolist()
-        message = None
-        if snapshot is not None:
-            seen = TransitionContext(
-                seed_id,
-                snapshot[StateColumn.LIFECYCLE_STATE],
-                dst,
-                epochs_in_state=snapshot[StateColumn.EPOCHS_IN_STATE],
-                performance_metrics=metrics,
-                error_count=snapshot[StateColumn.ERROR_COUNT],
-            )
-            message = validator.message(code, seed_id, src, dst, seen, num_seeds=num_seeds)
+            row = None if code is Reason.OK else state_t[seed_id].tolist()
+        message = None if row is None else self._explain(code, seed_id, src, dst, row, metrics, validator, num_seeds)
         return self._finish_single(seed_id, src, dst, code, message, metrics, given)
 
     def request_transitions(
@@ -281,6 +287,31 @@ class LifecycleManager:
     # ---- internals ------------------------------------------------------------------
 
     @staticmethod
+    def _explain(code: Reason, seed_id: int, src: int, dst: int, row: list[int], metrics: dict[str, Any],
+                 validator: StateTransition, num_seeds: int) -> str:
+        """The message of a refused single request, from the seed's row as it is."""
+        if code is not Reason.GUARD_FAILED:  # no guard detail needed: skip building a context
+            return format_reason(
+                code,
+                seed_id=seed_id,
+                num_seeds=num_seeds,
+                from_state=STATE_NAMES[src],
+                to_state=STATE_NAMES[dst],
+                actual_state=state_name(row[StateColumn.LIFECYCLE_STATE]),
+                epochs_in_state=row[StateColumn.EPOCHS_IN_STATE],
+                min_epochs=validator.policy.min_epochs[src],
+            )
+        seen = TransitionContext(
+            seed_id,
+            row[StateColumn.LIFECYCLE_STATE],
+            dst,
+            epochs_in_state=row[StateColumn.EPOCHS_IN_STATE],
+            performance_metrics=metrics,
+            error_count=row[StateColumn.ERROR_COUNT],
+        )
+        return validator.message(code, seed_id, src, dst, seen, num_seeds=num_seeds)
+
+    @staticmethod
     def _metrics_of(context: Any, seed_id: int, dst: int) -> tuple[dict[str, Any], TransitionContext | None]:
         if context is None:
             return {}, None
@@ -301,7 +332,7 @@ class LifecycleManager:
         given: TransitionContext | None,
     ) -> TransitionResult:
         errors: tuple[str, ...] = ()
-        saved = TransitionCheckpoint(None, None, None)
+        saved = _NO_CHECKPOINT
         if code == Reason.OK and (self.checkpoint_manager is not None or (src, dst) in self._callbacks):
             context = given if given is not None else TransitionContext(seed_id, src, dst, performance_metrics=metrics)
             if self.checkpoint_manager is not None:  # before the callbacks, so they see CHECKPOINT_ID

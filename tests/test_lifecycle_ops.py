@@ -58,8 +58,9 @@ def batches(draw):
         targets = [dst for dst in range(S) if T.EDGE_MATRIX[actual][dst] >= 0]
         to_states.append(draw(st.one_of(st.sampled_from(targets or [0]), st.integers(-1, S))))
     values = _interesting_floats(list(policy.params))
-    context = torch.tensor(draw(st.lists(st.lists(values, min_size=F, max_size=F), min_size=k, max_size=k)),
-                           dtype=torch.float32).reshape(k, F)
+    context = torch.tensor(
+        draw(st.lists(st.lists(values, min_size=F, max_size=F), min_size=k, max_size=k)), dtype=torch.float32
+    ).reshape(k, F)
     index_dtype = draw(st.sampled_from([torch.int32, torch.int64]))
     requests = (
         torch.tensor(seed_ids, dtype=torch.int64),
@@ -99,9 +100,10 @@ def test_kernel_matches_reference(batch) -> None:
 
 @needs_kernel
 def test_large_batch_matches_reference() -> None:
-    """Many requests: the parallel and duplicate-marking paths of the kernel."""
+    """Many requests: the parallel (more than one task of 2**15 requests) and
+    duplicate-marking paths of the kernel."""
     gen = torch.Generator().manual_seed(7)
-    n, k = 20_000, 30_000
+    n, k = 50_000, 80_000
     state = torch.zeros(n, len(T.STATE_COLUMNS), dtype=torch.int32)
     state[:, StateColumn.LIFECYCLE_STATE] = torch.randint(0, S, (n,), generator=gen, dtype=torch.int32)
     state[:, StateColumn.EPOCHS_IN_STATE] = torch.randint(0, 200, (n,), generator=gen, dtype=torch.int32)

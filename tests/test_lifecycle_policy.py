@@ -27,8 +27,9 @@ def test_overrides_by_name_id_and_enum() -> None:
     assert policy.min_epochs_of(L.CULLED) == 0
     assert policy.param("min_stability") == 0.5
     assert base == LifecyclePolicy.default() and policy != base  # immutable
-    assert hash(policy) == hash(base.with_overrides(min_epochs={"TRAINING": 3, "GRAFTING": 4, "CULLED": 0},
-                                                    params={"min_stability": 0.5}))
+    assert hash(policy) == hash(
+        base.with_overrides(min_epochs={"TRAINING": 3, "GRAFTING": 4, "CULLED": 0}, params={"min_stability": 0.5})
+    )
 
 
 @pytest.mark.parametrize(

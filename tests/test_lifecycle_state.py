@@ -77,8 +77,11 @@ def snapshot(st: ExtendedStateTensor) -> dict[str, torch.Tensor]:
 
 def assert_unchanged(st: ExtendedStateTensor, before: dict[str, torch.Tensor]) -> None:
     for key, value in st.state_dict().items():
-        assert torch.equal(value, before[key]) or (value.is_floating_point() and torch.equal(value.isnan(), before[key].isnan())
-                                                   and torch.equal(value.nan_to_num(), before[key].nan_to_num())), key
+        assert torch.equal(value, before[key]) or (
+            value.is_floating_point()
+            and torch.equal(value.isnan(), before[key].isnan())
+            and torch.equal(value.nan_to_num(), before[key].nan_to_num())
+        ), key
 
 
 # ---- construction -------------------------------------------------------------------
@@ -235,8 +238,9 @@ def test_min_epochs_and_bypass(backend) -> None:
     st.step_epoch()
     assert st.apply_transitions([0], [L.TRAINING], [L.CULLED], policy=policy).tolist() == [Reason.OK]
     # Minimum checked before the guard: a too-early guarded move reports MIN_EPOCHS.
-    assert st.apply_transitions([2], [L.TRAINING], [L.GRAFTING], {"reconstruction_loss": 0.0},
-                                policy=policy.with_overrides(min_epochs={"TRAINING": 10})).tolist() == [Reason.MIN_EPOCHS]
+    assert st.apply_transitions(
+        [2], [L.TRAINING], [L.GRAFTING], {"reconstruction_loss": 0.0}, policy=policy.with_overrides(min_epochs={"TRAINING": 10})
+    ).tolist() == [Reason.MIN_EPOCHS]
 
 
 def test_default_policy_minimums_come_from_the_spec(backend) -> None:
@@ -285,8 +289,9 @@ def test_stale_from_state_and_unknown_seed(backend) -> None:
 def test_duplicates_in_batch_are_all_rejected(backend) -> None:
     st = ExtendedStateTensor(4)
     codes = st.apply_transitions(
-        [1, 0, 1, 9, 9, 2, 1], [L.DORMANT] * 7, [L.GERMINATED, L.GERMINATED, L.GERMINATED, L.GERMINATED,
-                                                  L.GERMINATED, L.FOSSILIZED, L.GERMINATED],
+        [1, 0, 1, 9, 9, 2, 1],
+        [L.DORMANT] * 7,
+        [L.GERMINATED, L.GERMINATED, L.GERMINATED, L.GERMINATED, L.GERMINATED, L.FOSSILIZED, L.GERMINATED],
     )
     dup, ok = Reason.DUPLICATE_IN_BATCH, Reason.OK
     # Out-of-range duplicates are UNKNOWN_SEED (range first); a duplicate wins over every other check.
@@ -319,7 +324,7 @@ def test_history_wraps_oldest_first(backend) -> None:
         src, dst = cycle[i % 3]
         assert st.apply_transitions([1], [src], [dst], policy=FAST).tolist() == [Reason.OK]
         expected.append((int(src), int(dst)))
-        assert st.get_transition_history(1) == expected[-T.HISTORY_LENGTH:]
+        assert st.get_transition_history(1) == expected[-T.HISTORY_LENGTH :]
     assert int(st.history_count[1]) == 3 * T.HISTORY_LENGTH + 2
     assert st.get_transition_history(0) == []
 
@@ -445,11 +450,17 @@ BAD_BATCHES = [
     (dict(seed_ids=[0], from_states=[0], to_states=["NOPE"]), ValueError, "unknown lifecycle state 'NOPE'"),
     (dict(seed_ids=[0], from_states=[0.0], to_states=[1]), TypeError, "from_states must hold state ids"),
     (dict(seed_ids=[0], from_states=[0], to_states=[1], context={"bogus": [1.0]}), ValueError, "unknown context field"),
-    (dict(seed_ids=[0], from_states=[0], to_states=[1], context={"reconstruction_loss": [1.0, 2.0]}), ValueError,
-     "2 values for 1 seeds"),
+    (
+        dict(seed_ids=[0], from_states=[0], to_states=[1], context={"reconstruction_loss": [1.0, 2.0]}),
+        ValueError,
+        "2 values for 1 seeds",
+    ),
     (dict(seed_ids=[0], from_states=[0], to_states=[1], context=torch.zeros(1, 2)), ValueError, "shape"),
-    (dict(seed_ids=[0], from_states=[0], to_states=[1], context=torch.zeros(1, len(T.CONTEXT_FIELDS), dtype=torch.int32)),
-     TypeError, "floating point"),
+    (
+        dict(seed_ids=[0], from_states=[0], to_states=[1], context=torch.zeros(1, len(T.CONTEXT_FIELDS), dtype=torch.int32)),
+        TypeError,
+        "floating point",
+    ),
     (dict(seed_ids=torch.tensor([0], device="meta"), from_states=[0], to_states=[1]), ValueError, "is on meta"),
     (dict(seed_ids=[0], from_states=[0], to_states=[1], context="loss"), TypeError, "context must be"),
 ]

@@ -38,14 +38,19 @@ def test_messages_name_states_numbers_and_thresholds() -> None:
     ok, error = v.validate_transition(L.TRAINING, L.GRAFTING, ctx(L.GRAFTING, L.GRAFTING))
     assert error == "seed 7 is in GRAFTING, not TRAINING"
     ok, error = v.validate_transition(L.TRAINING, L.GRAFTING, ctx(L.TRAINING, L.GRAFTING, reconstruction_loss=0.05))
-    assert error == ("seed 7: guard 'reconstruction_converged' of TRAINING -> GRAFTING failed: "
-                     "reconstruction_loss=0.05 > reconstruction_threshold=0.01")
+    assert error == (
+        "seed 7: guard 'reconstruction_converged' of TRAINING -> GRAFTING failed: "
+        "reconstruction_loss=0.05 > reconstruction_threshold=0.01"
+    )
     ok, error = v.validate_transition(L.EVALUATING, L.FINE_TUNING, ctx(L.EVALUATING, L.FINE_TUNING, stability_score=0.5))
     assert error.endswith("performance_delta missing and stability_score=0.5 < min_stability=0.8")
-    ok, error = v.validate_transition(L.EVALUATING, L.CULLED, ctx(L.EVALUATING, L.CULLED, errors=2, performance_delta=0.1,
-                                                                  error_rate=0.0))
-    assert error.endswith("performance_delta=0.1 >= cull_performance_delta=-0.05 and error_rate=0 <= cull_error_rate=0.1 "
-                          "and error_count=2 <= cull_error_count=5")
+    ok, error = v.validate_transition(
+        L.EVALUATING, L.CULLED, ctx(L.EVALUATING, L.CULLED, errors=2, performance_delta=0.1, error_rate=0.0)
+    )
+    assert error.endswith(
+        "performance_delta=0.1 >= cull_performance_delta=-0.05 and error_rate=0 <= cull_error_rate=0.1 "
+        "and error_count=2 <= cull_error_count=5"
+    )
 
 
 def test_any_guard_passes_on_one_clause() -> None:

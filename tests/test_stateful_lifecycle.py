@@ -177,8 +177,10 @@ state_names = st.sampled_from(STATES)
 
 
 def metric_values(params: dict[str, float]) -> st.SearchStrategy[dict[str, float]]:
-    near = sorted({float(np.nextafter(np.float32(v), np.float32(d))) for v in params.values() for d in (-1, 1)}
-                  | {float(np.float32(v)) for v in params.values()})
+    near = sorted(
+        {float(np.nextafter(np.float32(v), np.float32(d))) for v in params.values() for d in (-1, 1)}
+        | {float(np.float32(v)) for v in params.values()}
+    )
     value = st.one_of(st.sampled_from(near), st.floats(-1.0, 2.0, width=32), st.just(math.nan))
     return st.dictionaries(st.sampled_from(FIELDS), value, max_size=len(FIELDS))
 
@@ -274,8 +276,13 @@ class LifecycleMachine(RuleBasedStateMachine):
             src = data.draw(st.one_of(st.just(actual), state_names), label="from")
             targets = [e[1] for e in EDGES if e[0] == actual] or STATES
             dst = data.draw(st.one_of(st.sampled_from(targets), state_names), label="to")
-            metrics = data.draw(st.one_of(st.just(passing_metrics((src, dst), self.model.params)) if (src, dst) in EDGE_SPEC
-                                          else st.just({}), metric_values(self.model.params)), label="metrics")
+            metrics = data.draw(
+                st.one_of(
+                    st.just(passing_metrics((src, dst), self.model.params)) if (src, dst) in EDGE_SPEC else st.just({}),
+                    metric_values(self.model.params),
+                ),
+                label="metrics",
+            )
             requests.append((seed, src, dst, metrics))
         context = {name: [m.get(name, math.nan) for *_, m in requests] for name in FIELDS}
         codes = self.manager.request_transitions(
@@ -332,8 +339,10 @@ class LifecycleMachine(RuleBasedStateMachine):
         unique = sorted(set(seeds))
         self.state.update_performance(unique, loss=loss, stability=1.0 - loss)
 
-    @rule(min_epochs=st.dictionaries(state_names, st.integers(0, 3), max_size=3),
-          params=st.dictionaries(st.sampled_from(sorted(PARAM_DEFAULTS)), st.floats(-0.25, 1.0, width=32), max_size=2))
+    @rule(
+        min_epochs=st.dictionaries(state_names, st.integers(0, 3), max_size=3),
+        params=st.dictionaries(st.sampled_from(sorted(PARAM_DEFAULTS)), st.floats(-0.25, 1.0, width=32), max_size=2),
+    )
     def override_policy(self, min_epochs: dict[str, int], params: dict[str, float]) -> None:
         self.model.min_epochs.update(min_epochs)
         self.model.params.update(params)
@@ -361,8 +370,12 @@ class LifecycleMachine(RuleBasedStateMachine):
     def implementation_matches_model(self) -> None:
         rows = self.state.get_state().tolist()
         for i, (row, seed) in enumerate(zip(rows, self.model.seeds, strict=True)):
-            got = (STATE_NAME[row[COLUMN["LIFECYCLE_STATE"]]], row[COLUMN["EPOCHS_IN_STATE"]],
-                   row[COLUMN["ERROR_COUNT"]], STATE_NAME[row[COLUMN["PARENT_STATE"]]])
+            got = (
+                STATE_NAME[row[COLUMN["LIFECYCLE_STATE"]]],
+                row[COLUMN["EPOCHS_IN_STATE"]],
+                row[COLUMN["ERROR_COUNT"]],
+                STATE_NAME[row[COLUMN["PARENT_STATE"]]],
+            )
             assert got == (seed.state, seed.epochs, seed.error_count, seed.parent), (i, got)
             history = [(STATE_NAME[a], STATE_NAME[b]) for a, b in self.state.get_transition_history(i)]
             assert history == seed.history[-HISTORY_LENGTH:], i
