@@ -357,9 +357,11 @@ class ChunkedKasminaLayer(nn.Module):
 
     @torch.no_grad()
     def _update_telemetry(self, flat: Tensor, idle: Tensor) -> None:
-        var, mean = torch.var_mean(flat.float(), dim=0, unbiased=False)
-        chunk_mean = self.layout.per_chunk_mean(mean)
-        chunk_var = (self.layout.per_chunk_mean(var + mean.square()) - chunk_mean.square()).clamp_min(0.0)
+        # Column sums reduce along contiguous rows (far faster than var_mean over dim 0).
+        values = flat.float()
+        rows = values.shape[0]
+        chunk_mean = self.layout.per_chunk_mean(values.sum(0) / rows)
+        chunk_var = (self.layout.per_chunk_mean((values * values).sum(0) / rows) - chunk_mean.square()).clamp_min(0.0)
         m = self.telemetry_momentum
         for buf, new in (
             (self.chunk_mean, chunk_mean.to(self.chunk_mean.dtype)),
