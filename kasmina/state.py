@@ -172,6 +172,8 @@ class ExtendedStateTensor(nn.Module):
         k = ids.shape[0]
         src = self._state_arg(from_states, "from_states", k)
         dst = self._state_arg(to_states, "to_states", k)
+        if src.dtype != dst.dtype:
+            src, dst = src.to(torch.int64), dst.to(torch.int64)
         ctx = self._context_arg(context, k)
         min_epochs, params = (policy if policy is not None else LifecyclePolicy.default()).tensors(self.device)
         return ops.apply_transitions(

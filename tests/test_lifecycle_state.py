@@ -307,6 +307,16 @@ def test_batch_is_judged_against_the_state_before_it(backend) -> None:
     assert codes.tolist() == [Reason.OK, Reason.OK, Reason.STALE_FROM_STATE]
 
 
+def test_mixed_index_dtypes(backend) -> None:
+    st = ExtendedStateTensor(3)
+    codes = st.apply_transitions(
+        torch.tensor([0, 1], dtype=torch.int32),
+        torch.tensor([L.DORMANT] * 2, dtype=torch.int32),
+        torch.tensor([L.GERMINATED, L.TRAINING], dtype=torch.int64),
+    )
+    assert codes.tolist() == [Reason.OK, Reason.INVALID_EDGE]
+
+
 def test_empty_batch(backend) -> None:
     st = ExtendedStateTensor(2)
     codes = st.apply_transitions(torch.empty(0, dtype=torch.int64), [], [])
