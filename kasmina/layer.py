@@ -751,6 +751,24 @@ class ChunkedKasminaLayer(nn.Module):
 
     # ---- persistence ------------------------------------------------------------------
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copy/pickle support: the manager (it holds a lock) is rebuilt on the copy with
+        the same policy and checkpoint manager; its log and cached forward state are not
+        carried over."""
+        state = dict(self.__dict__)
+        manager = state.pop("lifecycle")
+        state["_lifecycle_args"] = (manager.checkpoint_manager, manager.policy)
+        state.update(_plan=None, _aux=None, _pending={}, _released=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        checkpoint_manager, policy = state.pop("_lifecycle_args")
+        super().__setstate__(state)
+        self._released = weakref.WeakSet()
+        self.lifecycle = LifecycleManager(self.state, checkpoint_manager=checkpoint_manager, policy=policy)
+        for src, dst in EDGES:
+            self.lifecycle.register_transition_callback(src, dst, self._on_transition)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
         """Allocate the blueprints the incoming state has (kind from its BLUEPRINT_ID
         column) and free those it lacks, so their weights can be loaded."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -521,6 +522,21 @@ def test_torch_compile_matches_eager_for_a_fixed_set_of_seeds() -> None:
     torch.testing.assert_close(layer.auxiliary_loss(), expected_aux)
     layer.step_epoch()  # alpha changes; same seeds: no recompile needed, values follow
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_deepcopy_is_an_independent_working_layer() -> None:
+    x = torch.randn(4, 6)
+    layer = make_layer()
+    advance(layer, 0, S.GRAFTING, x)
+    layer.step_epoch()
+    layer.train()
+    layer(x)
+    twin = copy.deepcopy(layer)
+    assert twin.lifecycle.state is twin.state and twin.state is not layer.state
+    torch.testing.assert_close(eval_out(twin, x), eval_out(layer, x), rtol=0, atol=0)
+    ok(twin.rollback(0))
+    assert twin.alpha[0] == 0 and layer.state.lifecycle_state(0) == S.GRAFTING and layer.alpha[0] > 0
+    assert twin.blueprint(0) is not layer.blueprint(0)
 
 
 def test_dict_commands() -> None:
