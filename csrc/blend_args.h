@@ -53,8 +53,8 @@ inline BlendArgs prepare_blend_args(const at::Tensor& base, const at::Tensor& bl
                     " must be between 1 and the last dimension D=", dim);
   TORCH_CHECK_VALUE(alpha.dim() == 1 && alpha.size(0) == num_chunks, op, ": alpha must have shape (num_chunks,)=(",
                     num_chunks, ",), got ", alpha.sizes());
-  TORCH_CHECK_TYPE(alpha.scalar_type() == at::kFloat || (alpha.scalar_type() == at::kDouble && base.scalar_type() == at::kDouble),
-                   op, ": alpha has dtype ", alpha.scalar_type(),
+  const bool float64_alpha_ok = alpha.scalar_type() == at::kDouble && base.scalar_type() == at::kDouble;
+  TORCH_CHECK_TYPE(alpha.scalar_type() == at::kFloat || float64_alpha_ok, op, ": alpha has dtype ", alpha.scalar_type(),
                    "; it must be float32 (or float64 when base is float64)");
   TORCH_CHECK_VALUE(alpha.device() == base.device(), op, ": alpha is on ", alpha.device(), " but base is on ",
                     base.device(), "; they must be on one device");

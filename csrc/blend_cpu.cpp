@@ -199,8 +199,8 @@ void float_to_half(const float* src, c10::Half* dst, int64_t n) {
 constexpr int64_t kStage = 512;
 
 template <typename scalar_t, typename acc_t>
-KASMINA_NOINLINE void forward_run(scalar_t* __restrict__ out, const scalar_t* __restrict__ base, const scalar_t* __restrict__ bp,
-                 const acc_t* __restrict__ weight, int64_t n) {
+KASMINA_NOINLINE void forward_run(scalar_t* __restrict__ out, const scalar_t* __restrict__ base,
+                                  const scalar_t* __restrict__ bp, const acc_t* __restrict__ weight, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
     float b[kStage], p[kStage], o[kStage];
     for (int64_t i = 0; i < n; i += kStage) {
@@ -241,9 +241,10 @@ void forward_kernel(const BlendArgs& a, at::Tensor& out) {
 
 // One active run of one row of the backward pass; adds its grad_alpha terms to colsum.
 template <typename scalar_t, typename acc_t, bool NB, bool NP, bool NA>
-KASMINA_NOINLINE void backward_run(const scalar_t* __restrict__ g, const scalar_t* __restrict__ base, const scalar_t* __restrict__ bp,
-                  scalar_t* __restrict__ gb, scalar_t* __restrict__ gp, const acc_t* __restrict__ weight,
-                  acc_t* __restrict__ colsum, int64_t n) {
+KASMINA_NOINLINE void backward_run(const scalar_t* __restrict__ g, const scalar_t* __restrict__ base,
+                                   const scalar_t* __restrict__ bp, scalar_t* __restrict__ gb,
+                                   scalar_t* __restrict__ gp, const acc_t* __restrict__ weight,
+                                   acc_t* __restrict__ colsum, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
     float fg[kStage], fb[kStage], fp[kStage], fgb[kStage], fgp[kStage];
     for (int64_t i = 0; i < n; i += kStage) {

@@ -65,7 +65,8 @@ __global__ void count_requests_kernel(const int64_t* __restrict__ seed_ids, int6
 template <typename StateIndex>
 __global__ void judge_and_commit_kernel(int32_t* __restrict__ state, int32_t* __restrict__ history,
                                         int32_t* __restrict__ history_count, int64_t num_seeds,
-                                        const int64_t* __restrict__ seed_ids, const StateIndex* __restrict__ from_states,
+                                        const int64_t* __restrict__ seed_ids,
+                                        const StateIndex* __restrict__ from_states,
                                         const StateIndex* __restrict__ to_states, const float* __restrict__ context,
                                         const int32_t* __restrict__ min_epochs, const float* __restrict__ params,
                                         const int32_t* __restrict__ counts, int32_t* __restrict__ codes,
