@@ -128,7 +128,7 @@ def _rank_main(rank: int, config: DemoConfig, progress: bool) -> DemoResult | No
         layer.step_epoch()
         val_loss, val_acc, predictions = evaluate(model, val)  # every rank: the same numbers
         decisions = controlled_step(layer, sync, lambda: controller.step(epoch, val_loss, predictions, ablate))  # noqa: B023
-        ddp.refresh(optimizer, lr=config.lr)
+        ddp.refresh(optimizer, lr=config.blueprint_lr)
         sync.check_consistency(layer, what=f"the seeded layer after epoch {epoch}")
         if lead:
             record = _record(epoch, train_metrics, (val_loss, val_acc), controller, layer, telemetry, decisions)

@@ -260,9 +260,7 @@ class ChunkedKasminaLayer(nn.Module):
 
         self.base_layer = base_layer
         self.state = ExtendedStateTensor(num_seeds, device=device)
-        self.lifecycle = LifecycleManager(self.state, checkpoint_manager=checkpoint_manager, policy=policy)
-        for src, dst in EDGES:
-            self.lifecycle.register_transition_callback(src, dst, self._on_transition)
+        self.lifecycle = self._make_lifecycle(checkpoint_manager, policy)
 
         ramp = max(1, max((self.lifecycle.policy.min_epochs[s] for s in _STRATEGY_STATES), default=1))
         configs = dict(strategy_configs or {})
@@ -765,9 +763,25 @@ class ChunkedKasminaLayer(nn.Module):
         checkpoint_manager, policy = state.pop("_lifecycle_args")
         super().__setstate__(state)
         self._released = weakref.WeakSet()
-        self.lifecycle = LifecycleManager(self.state, checkpoint_manager=checkpoint_manager, policy=policy)
+        self.lifecycle = self._make_lifecycle(checkpoint_manager, policy)
+
+    def _make_lifecycle(self, checkpoint_manager: Any, policy: LifecyclePolicy | None) -> LifecycleManager:
+        """The layer's manager: checkpoints go under the layer's id and carry the seed's
+        blueprint weights; every committed transition reaches :meth:`_on_transition`."""
+        manager = LifecycleManager(
+            self.state,
+            checkpoint_manager=checkpoint_manager,
+            policy=policy,
+            layer_id=self.layer_id,
+            blueprint_state=self._blueprint_state,
+        )
         for src, dst in EDGES:
-            self.lifecycle.register_transition_callback(src, dst, self._on_transition)
+            manager.register_transition_callback(src, dst, self._on_transition)
+        return manager
+
+    def _blueprint_state(self, seed_id: int) -> dict[str, Tensor] | None:
+        blueprint = self.blueprint(seed_id)
+        return None if blueprint is None else {k: v.detach() for k, v in blueprint.state_dict().items()}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
         """Allocate the blueprints the incoming state has (kind from its BLUEPRINT_ID

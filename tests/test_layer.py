@@ -553,3 +553,20 @@ def test_dict_commands() -> None:
         }
     )
     assert result.code == Reason.MIN_EPOCHS
+
+
+def test_transitions_checkpoint_under_the_layer_id_with_blueprint_weights(tmp_path) -> None:
+    from kasmina.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, durable=False)
+    layer = ChunkedKasminaLayer(nn.Linear(6, 8), 4, layer_id="encoder.fc1", policy=POLICY, checkpoint_manager=manager)
+    ok(layer.germinate(1, "residual_linear", "linear"))
+    ok(layer.transition(1, "GERMINATED", "TRAINING"))
+    latest = manager.get_latest_checkpoint("encoder.fc1", 1)
+    assert latest is not None and latest.lifecycle_state == ExtendedLifecycle.TRAINING
+    restored = manager.restore_checkpoint(latest.checkpoint_id)
+    expected = layer.blueprint(1).state_dict()
+    assert set(restored["blueprint_state"]) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(restored["blueprint_state"][name], value)
+    assert int(layer.state.state[1, StateColumn.CHECKPOINT_ID]) == latest.number
