@@ -9,7 +9,8 @@
 // blueprint_out.
 //
 // Work is cut into tiles of about kTileElements elements (a block of rows times a block
-// of features), and the tiles into a fixed number of tasks. For grad_alpha each tile
+// of features; kSumTileElements when grad_alpha is summed, so that folding a tile's
+// column sums stays cheap next to the tile), and the tiles into a fixed number of tasks. For grad_alpha each tile
 // sums its rows per feature in acc_t, then folds those column sums into its task's
 // per-chunk partial sums (float64); the tasks' partials are added in task order at the
 // end, so the result does not depend on thread scheduling.
@@ -50,6 +51,7 @@ namespace {
 #endif
 
 constexpr int64_t kTileElements = 1 << 15;
+constexpr int64_t kSumTileElements = 1 << 17;
 constexpr int64_t kMaxTileColumns = 1 << 13;  // when rows are too few to share out
 
 // A maximal range [begin, end) of features whose chunks are all active or all inactive.
@@ -68,7 +70,7 @@ struct Layout {
   std::vector<Run> runs;
   int64_t tile_rows, tile_cols, row_tiles, col_tiles, num_tasks;
 
-  Layout(const acc_t* alpha, int64_t rows_, int64_t dim_, int64_t num_chunks_)
+  Layout(const acc_t* alpha, int64_t rows_, int64_t dim_, int64_t num_chunks_, int64_t tile_elements)
       : rows(rows_), dim(dim_), num_chunks(num_chunks_), weight(static_cast<size_t>(dim_)),
         begins(static_cast<size_t>(num_chunks_ + 1)) {
     for (int64_t s = 0; s <= num_chunks; ++s) begins[s] = chunk_begin(s, dim, num_chunks);
@@ -85,7 +87,7 @@ struct Layout {
     // few of them to keep every thread busy.
     const int64_t threads = static_cast<int64_t>(at::get_num_threads());
     tile_cols = rows >= 4 * threads ? dim : std::min(dim, kMaxTileColumns);
-    tile_rows = std::max<int64_t>(1, kTileElements / tile_cols);
+    tile_rows = std::max<int64_t>(1, tile_elements / tile_cols);
     row_tiles = (rows + tile_rows - 1) / tile_rows;
     col_tiles = (dim + tile_cols - 1) / tile_cols;
     const int64_t tiles = row_tiles * col_tiles;
@@ -223,7 +225,7 @@ void forward_kernel(const BlendArgs& a, at::Tensor& out) {
   const scalar_t* base = a.base.data_ptr<scalar_t>();
   const scalar_t* bp = a.blueprint.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
-  const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, a.num_chunks);
+  const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, a.num_chunks, kTileElements);
   const acc_t* weight = layout.weight.data();
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t) {
     for (int64_t row = r0; row < r1; ++row) {
@@ -278,7 +280,8 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
   const scalar_t* bp = a.blueprint.data_ptr<scalar_t>();
   scalar_t* gb = NB ? grad_base.data_ptr<scalar_t>() : nullptr;
   scalar_t* gp = NP ? grad_bp.data_ptr<scalar_t>() : nullptr;
-  const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, a.num_chunks);
+  const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, a.num_chunks,
+                             NA ? kSumTileElements : kTileElements);
   const acc_t* weight = layout.weight.data();
   const int64_t S = a.num_chunks;
   std::vector<double> partials(NA ? static_cast<size_t>(layout.num_tasks * S) : 0, 0.0);
