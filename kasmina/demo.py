@@ -191,7 +191,9 @@ def build_models(config: DemoConfig, policy: Any) -> tuple[DigitsMLP, DigitsMLP]
     return grown.to(device), baseline.to(device)
 
 
-def _batches(n: int, batch_size: int, seed: int, epoch: int, device: torch.device) -> list[Tensor]:
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int, device: torch.device) -> list[Tensor]:
+    """The epoch's shuffled mini-batches of row indices: a function of (seed, epoch) only,
+    so the grown model, the baseline and every rank see the same batches."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return list(torch.randperm(n, generator=generator).to(device).split(batch_size))
 
@@ -204,7 +206,7 @@ def train_epoch(
     layer = model.hidden if isinstance(model.hidden, ChunkedKasminaLayer) else None
     total_loss = torch.zeros((), device=data.x.device)
     correct = torch.zeros((), dtype=torch.long, device=data.x.device)
-    for idx in _batches(len(data.y), config.batch_size, config.seed, epoch, data.x.device):
+    for idx in batch_indices(len(data.y), config.batch_size, config.seed, epoch, data.x.device):
         logits = model(data.x[idx])
         loss = F.cross_entropy(logits, data.y[idx])
         objective = loss + layer.auxiliary_loss() if layer is not None else loss
@@ -322,14 +324,16 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 # ---- the run -----------------------------------------------------------------------------
-def _train_baseline(model: DigitsMLP, data: Split, config: DemoConfig) -> None:
+def train_baseline(model: DigitsMLP, data: Split, config: DemoConfig) -> None:
+    """Train the seedless baseline for the run's epochs on the same batches."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     for epoch in range(int(config.epochs)):
         train_epoch(model, optimizer, data, config, epoch)
 
 
-def _record(epoch: int, train: tuple[float, float], val: tuple[float, float], controller: SeedController,
-            layer: ChunkedKasminaLayer, telemetry: ExtendedTelemetry, decisions: list) -> dict[str, Any]:  # fmt: skip
+def epoch_record(epoch: int, train: tuple[float, float], val: tuple[float, float], controller: SeedController,
+                 layer: ChunkedKasminaLayer, telemetry: ExtendedTelemetry, decisions: list) -> dict[str, Any]:  # fmt: skip
+    """One epoch's telemetry line: losses, seed states, alphas, the controller's decisions."""
     return {
         "epoch": epoch,
         "train_loss": train[0],
@@ -345,6 +349,72 @@ def _record(epoch: int, train: tuple[float, float], val: tuple[float, float], co
         "refused": sum(1 for d in decisions if not d.accepted),
         "lifecycle": telemetry.collect_lifecycle_metrics(epoch),
     }
+
+
+_ANNOUNCED = ("GERMINATED", "FOSSILIZED", "CULLED", "ROLLED_BACK", "CANCELLED")
+
+
+@dataclass
+class RunLog:
+    """A run's outputs, shared by :func:`run_demo` and rank 0 of
+    :mod:`kasmina.demo_distributed`: per epoch a telemetry line (and TensorBoard
+    scalars), a checkpoint and the progress bar; at the end the baseline comparison, the
+    picture, the printed report and ``summary.json``. ``extra`` fields are added to every
+    telemetry line and to the summary."""
+
+    model: DigitsMLP
+    controller: SeedController
+    manager: CheckpointManager
+    telemetry: ExtendedTelemetry
+    writer: JsonlWriter
+    bar: Any  # tqdm
+    records: list[dict[str, Any]] = field(default_factory=list)
+    board: TensorBoardWriter | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def epoch(self, epoch: int, train: tuple[float, float], val: tuple[float, float],
+              optimizer: torch.optim.Optimizer, decisions: list) -> None:  # fmt: skip
+        """Record a finished epoch, checkpoint the run and show the accepted lifecycle moves."""
+        layer: ChunkedKasminaLayer = self.model.hidden  # type: ignore[assignment]
+        record = epoch_record(epoch, train, val, self.controller, layer, self.telemetry, decisions) | self.extra
+        self.writer.write(record)
+        self.records.append(record)
+        if self.board is not None:
+            self.board.write({k: record[k] for k in ("train_loss", "val_loss", "val_accuracy", "lifecycle")}, step=epoch)
+        save_run_checkpoint(self.manager, self.model, optimizer, self.controller, epoch)
+        self.bar.set_postfix_str(f"loss {val[0]:.3f} acc {val[1]:.3f} | {state_counts(layer)}", refresh=False)
+        for d in decisions:
+            if d.accepted and d.to_state in _ANNOUNCED:
+                self.bar.write(f"  epoch {epoch:3d}: seed {d.seed} {d.from_state} -> {d.to_state} ({d.why})")
+
+    def finish(self, config: DemoConfig, baseline: DigitsMLP, train: Split, test: Split, started: float,
+               resumed_from: int | None = None) -> DemoResult:  # fmt: skip
+        """Train the baseline, score both models on the test split, draw the picture, print
+        the report and write ``summary.json``; ``started`` is the run's ``perf_counter``."""
+        layer: ChunkedKasminaLayer = self.model.hidden  # type: ignore[assignment]
+        train_baseline(baseline, train, config)
+        test_loss, test_acc, _ = evaluate(self.model, test)
+        base_loss, base_acc, _ = evaluate(baseline, test)
+        summary = layer.state.get_state_summary()
+        result = DemoResult(
+            completed=True,
+            run_dir=config.run_dir,
+            epochs=int(config.epochs),
+            test_accuracy=test_acc,
+            baseline_test_accuracy=base_acc,
+            test_loss=test_loss,
+            baseline_test_loss=base_loss,
+            lives=self.controller.lives,
+            final_states={k: v for k, v in summary.items() if v},
+            seconds=time.perf_counter() - started,
+            resumed_from_epoch=resumed_from,
+        )
+        from .demo_report import plot_lifecycle, print_report
+
+        plot_lifecycle(self.records, config.run_dir / "lifecycle.png", int(config.seeds))
+        print_report(result, self.records)
+        (config.run_dir / "summary.json").write_text(json.dumps(summary_json(result) | self.extra, indent=2) + "\n")
+        return result
 
 
 def run_demo(config: DemoConfig, progress: bool = True, resume: bool = False) -> DemoResult:
@@ -399,11 +469,9 @@ def _run(config: DemoConfig, progress: bool, resume: bool) -> DemoResult:
     for record in records:
         writer.write(record)
 
-    print(
-        f"kasmina demo: digits, host Linear(64,{config.hidden})→ReLU→Linear({config.hidden},10), "
-        f"{config.seeds} seeds, {epochs} epochs, min epochs {_policy_text(policy)}"
-    )
+    print(banner(config, policy))
     bar = tqdm(range(start_epoch, epochs), desc="grow", unit="ep", disable=not progress, dynamic_ncols=True, leave=True)
+    log = RunLog(model, controller, manager, telemetry, writer, bar, records, board)
     ablate = ablation_losses(model, val)
     with writer:
         for epoch in bar:
@@ -412,51 +480,29 @@ def _run(config: DemoConfig, progress: bool, resume: bool) -> DemoResult:
             val_loss, val_acc, predictions = evaluate(model, val)
             decisions = controller.step(epoch, val_loss, predictions, ablate)
             layer.sync_optimizer(optimizer, lr=config.blueprint_lr)
-            record = _record(epoch, train_metrics, (val_loss, val_acc), controller, layer, telemetry, decisions)
-            writer.write(record)
-            records.append(record)
-            if board is not None:
-                board.write({k: record[k] for k in ("train_loss", "val_loss", "val_accuracy", "lifecycle")}, step=epoch)
-            save_run_checkpoint(manager, model, optimizer, controller, epoch)
-            bar.set_postfix_str(f"loss {val_loss:.3f} acc {val_acc:.3f} | {_state_counts(layer)}", refresh=False)
-            for d in decisions:
-                if d.accepted and d.to_state in ("GERMINATED", "FOSSILIZED", "CULLED", "ROLLED_BACK", "CANCELLED"):
-                    bar.write(f"  epoch {epoch:3d}: seed {d.seed} {d.from_state} -> {d.to_state} ({d.why})")
+            log.epoch(epoch, train_metrics, (val_loss, val_acc), optimizer, decisions)
     bar.close()
     if board is not None:
         board.close()
+    return log.finish(config, baseline, train, test, started, resumed_from)
 
-    _train_baseline(baseline, train, config)
-    test_loss, test_acc, _ = evaluate(model, test)
-    base_loss, base_acc, _ = evaluate(baseline, test)
-    summary = layer.state.get_state_summary()
-    result = DemoResult(
-        completed=True,
-        run_dir=run_dir,
-        epochs=epochs,
-        test_accuracy=test_acc,
-        baseline_test_accuracy=base_acc,
-        test_loss=test_loss,
-        baseline_test_loss=base_loss,
-        lives=controller.lives,
-        final_states={k: v for k, v in summary.items() if v},
-        seconds=time.perf_counter() - started,
-        resumed_from_epoch=resumed_from,
+
+def banner(config: DemoConfig, policy: Any, where: str = "") -> str:
+    """The run's first line: the model, seeds, epochs and scaled minimum epochs."""
+    return (
+        f"kasmina demo{where}: digits, host Linear(64,{config.hidden})→ReLU→Linear({config.hidden},10), "
+        f"{config.seeds} seeds, {int(config.epochs)} epochs, min epochs {policy_text(policy)}"
     )
-    from .demo_report import plot_lifecycle, print_report
-
-    plot_lifecycle(records, run_dir / "lifecycle.png", int(config.seeds))
-    print_report(result, records)
-    (run_dir / "summary.json").write_text(json.dumps(_summary_json(result), indent=2) + "\n")
-    return result
 
 
-def _policy_text(policy: Any) -> str:
+def policy_text(policy: Any) -> str:
+    """The policy's scaled minimum epochs of the growing states, e.g. ``TRAIN=3 GRAFT=2 ...``."""
     wanted = ("TRAINING", "GRAFTING", "STABILIZATION", "EVALUATING", "FINE_TUNING")
     return " ".join(f"{s[:5]}={policy.min_epochs_of(s)}" for s in wanted)
 
 
-def _state_counts(layer: ChunkedKasminaLayer) -> str:
+def state_counts(layer: ChunkedKasminaLayer) -> str:
+    """How many seeds are in each occupied state, e.g. ``DORM:2 TRAI:1 FOSS:1``."""
     summary = layer.state.get_state_summary()
     return " ".join(f"{name[:4]}:{n}" for name, n in summary.items() if n)
 
@@ -468,7 +514,8 @@ def _read_records(path: Path, upto: int) -> list[dict[str, Any]]:
     return [r for r in records if r["epoch"] <= upto]
 
 
-def _summary_json(result: DemoResult) -> dict[str, Any]:
+def summary_json(result: DemoResult) -> dict[str, Any]:
+    """The result as written to ``summary.json``."""
     return {
         "epochs": result.epochs,
         "test_accuracy": result.test_accuracy,
@@ -479,5 +526,3 @@ def _summary_json(result: DemoResult) -> dict[str, Any]:
         "lives": [asdict(life) | {"outcome": life.outcome} for life in result.lives],
         "resumed_from_epoch": result.resumed_from_epoch,
     }
-
-

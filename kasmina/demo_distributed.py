@@ -38,17 +38,13 @@ from .demo import (
     DemoConfig,
     DemoError,
     DemoResult,
-    _batches,
-    _policy_text,
-    _record,
-    _state_counts,
-    _summary_json,
-    _train_baseline,
+    RunLog,
     ablation_losses,
+    banner,
+    batch_indices,
     build_models,
     evaluate,
     load_digits_split,
-    save_run_checkpoint,
 )
 from .distributed import LifecycleSync
 from .distributed_launch import launch
@@ -110,18 +106,14 @@ def _rank_main(rank: int, config: DemoConfig, progress: bool) -> DemoResult | No
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     ablate = ablation_losses(model, val)
     lead = rank == 0
-    records: list[dict[str, Any]] = []
     if lead:
         (run_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
         manager = CheckpointManager(run_dir / "checkpoints", max_checkpoints_per_seed=3)
         telemetry = ExtendedTelemetry(layer)
         writer = JsonlWriter(run_dir / "telemetry.jsonl", mode="w")
-        print(
-            f"kasmina demo on {world} gloo ranks: digits, host Linear(64,{config.hidden})→ReLU→Linear({config.hidden},10), "
-            f"{config.seeds} seeds, {epochs} epochs, min epochs {_policy_text(policy)}",
-            flush=True,
-        )
+        print(banner(config, policy, f" on {world} gloo ranks"), flush=True)
     bar = tqdm(range(epochs), desc="grow", unit="ep", disable=not (progress and lead), dynamic_ncols=True)
+    log = RunLog(model, controller, manager, telemetry, writer, bar, extra={"world_size": world}) if lead else None
     for epoch in bar:
         train_metrics = _train_epoch(ddp, model, layer, optimizer, train, config, epoch, sync)
         sync_layer_measurements(layer, sync)
@@ -130,41 +122,13 @@ def _rank_main(rank: int, config: DemoConfig, progress: bool) -> DemoResult | No
         decisions = controlled_step(layer, sync, lambda: controller.step(epoch, val_loss, predictions, ablate))  # noqa: B023
         ddp.refresh(optimizer, lr=config.blueprint_lr)
         sync.check_consistency(layer, what=f"the seeded layer after epoch {epoch}")
-        if lead:
-            record = _record(epoch, train_metrics, (val_loss, val_acc), controller, layer, telemetry, decisions)
-            record["world_size"] = world
-            writer.write(record)
-            records.append(record)
-            save_run_checkpoint(manager, model, optimizer, controller, epoch)
-            bar.set_postfix_str(f"loss {val_loss:.3f} acc {val_acc:.3f} | {_state_counts(layer)}", refresh=False)
-            for d in decisions:
-                if d.accepted and d.to_state in ("GERMINATED", "FOSSILIZED", "CULLED", "ROLLED_BACK", "CANCELLED"):
-                    bar.write(f"  epoch {epoch:3d}: seed {d.seed} {d.from_state} -> {d.to_state} ({d.why})")
+        if log is not None:
+            log.epoch(epoch, train_metrics, (val_loss, val_acc), optimizer, decisions)
     bar.close()
-    if not lead:
+    if log is None:
         return None
     writer.close()
-    _train_baseline(baseline, train, config)
-    test_loss, test_acc, _ = evaluate(model, test)
-    base_loss, base_acc, _ = evaluate(baseline, test)
-    summary = layer.state.get_state_summary()
-    result = DemoResult(
-        completed=True,
-        run_dir=run_dir,
-        epochs=epochs,
-        test_accuracy=test_acc,
-        baseline_test_accuracy=base_acc,
-        test_loss=test_loss,
-        baseline_test_loss=base_loss,
-        lives=controller.lives,
-        final_states={k: v for k, v in summary.items() if v},
-        seconds=time.perf_counter() - started,
-    )
-    from .demo_report import plot_lifecycle, print_report
-
-    plot_lifecycle(records, run_dir / "lifecycle.png", int(config.seeds))
-    print_report(result, records)
-    (run_dir / "summary.json").write_text(json.dumps(_summary_json(result) | {"world_size": world}, indent=2) + "\n")
+    result = log.finish(config, baseline, train, test, started)
     print(f"ranks held bitwise-identical layers after each of the {epochs} epochs (check_consistency)", flush=True)
     return result
 
@@ -184,7 +148,7 @@ def _train_epoch(
     model.train()
     total_loss = torch.zeros(())
     correct = torch.zeros(())
-    for idx in _batches(len(data.y), config.batch_size, config.seed, epoch, data.x.device):
+    for idx in batch_indices(len(data.y), config.batch_size, config.seed, epoch, data.x.device):
         shard = idx[sync.rank :: sync.world_size]
         logits = ddp(data.x[shard])
         loss = F.cross_entropy(logits, data.y[shard])
