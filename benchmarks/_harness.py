@@ -125,6 +125,30 @@ def measure(
     return Stats(tuple(samples))
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, Stats]:
+    """Time several functions in rotation: ``warmup`` untimed rounds, then ``repeats``
+    rounds of one timed call of each (seconds per call), so slow phases of a shared
+    machine (load bursts, disk write-back) hit all of them alike. Every call of a round
+    runs in the same order, so functions holding collectives stay in step across ranks.
+    No CUDA synchronisation: for host-side work (files, collectives, bookkeeping)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: Stats(tuple(values)) for name, values in samples.items()}
+
+
 def copy_rate(nbytes: int, *, device: str | torch.device = "cpu", repeats: int = 20) -> tuple[float, Stats]:
     """Bytes per second moved by a ``clone`` of ``nbytes`` (read + write counted), the
     memory-traffic reference. Returns (rate, stats of one clone)."""

@@ -18,19 +18,17 @@ Temp folders are made under $TMPDIR (the same filesystem matters for the referen
 
 from __future__ import annotations
 
-import gc
 import itertools
 import os
 import shutil
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from benchmarks._harness import Report, Stats, format_seconds, measure, parse_args
+from benchmarks._harness import Report, Stats, format_seconds, interleaved, measure, parse_args
 from kasmina import ExtendedStateTensor
 from kasmina.checkpoint import CheckpointManager
 
@@ -77,33 +75,27 @@ def _bare_read(path: Path) -> bytes:
         return f.read()
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, Stats]:
-    """Time several functions in rotation (one call of each per round), so slow phases of
-    a shared machine and disk write-back hit all of them alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {name: Stats(tuple(values)) for name, values in samples.items()}
-
-
 def _ratio(ours: Stats, ref: Stats) -> float:
     return ours.median / ref.median
 
 
 def _verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
+
+
+def _add_vs_refs(report: Report, case: str, ours: Stats, bare: Stats, torch_ref: Stats, **columns: Any) -> None:
+    """One row: our median and p99 beside the bare-I/O and torch references measured in the
+    same rotation, the ratios to both, then ``columns``."""
+    report.add(
+        case,
+        p50=ours,
+        p99=format_seconds(ours.p99),
+        ref_bare=bare,
+        vs_bare=_ratio(ours, bare),
+        ref_torch=torch_ref,
+        vs_torch=_ratio(ours, torch_ref),
+        **columns,
+    )
 
 
 def bench_payloads(report: Report, root: Path, repeats: int) -> None:
@@ -142,38 +134,24 @@ def bench_payloads(report: Report, root: Path, repeats: int) -> None:
         save_d, save_f, bare_d, bare_f, torch_save = (saves[k] for k in ("durable", "fast", "bare durable", "bare fast", "torch"))
         restore, bare_r, torch_load = loads["restore"], loads["bare"], loads["torch"]
 
-        report.add(
+        _add_vs_refs(
+            report,
             f"save {label} durable ({size} B)",
-            p50=save_d,
-            p99=format_seconds(save_d.p99),
-            ref_bare=bare_d,
-            vs_bare=_ratio(save_d, bare_d),
-            ref_torch=torch_save,
-            vs_torch=_ratio(save_d, torch_save),
+            save_d,
+            bare_d,
+            torch_save,
             target=f"<= 1.5x bare: {_verdict(_ratio(save_d, bare_d) <= 1.5)}; < 10 ms: {_verdict(save_d.median < 10e-3)}"
             + ("" if bare_d.median < 10e-3 else " (the bare write alone takes longer)"),
         )
-        report.add(
-            f"save {label} durable=False",
-            p50=save_f,
-            p99=format_seconds(save_f.p99),
-            ref_bare=bare_f,
-            vs_bare=_ratio(save_f, bare_f),
-            ref_torch=torch_save,
-            vs_torch=_ratio(save_f, torch_save),
+        _add_vs_refs(
+            report, f"save {label} durable=False", save_f, bare_f, torch_save,
             target=f"< 10 ms: {_verdict(save_f.median < 10e-3)}",
-        )
+        )  # fmt: skip
         limit = 2e-3 if nbytes == 64 << 10 else 20e-3
-        report.add(
-            f"restore {label}",
-            p50=restore,
-            p99=format_seconds(restore.p99),
-            ref_bare=bare_r,
-            vs_bare=_ratio(restore, bare_r),
-            ref_torch=torch_load,
-            vs_torch=_ratio(restore, torch_load),
+        _add_vs_refs(
+            report, f"restore {label}", restore, bare_r, torch_load,
             target=f"<= {limit * 1e3:.0f} ms: {_verdict(restore.median <= limit)}",
-        )
+        )  # fmt: skip
 
 
 def bench_listing(report: Report, root: Path, count: int, repeats: int) -> None:
@@ -239,16 +217,10 @@ def bench_layer(report: Report, root: Path, num_seeds: int, repeats: int) -> Non
         saving = case.startswith("save")
         ref_bare = (bare_f if "False" in case else bare_w) if saving else bare_r
         ref_torch = torch_save if saving else torch_load
-        report.add(
-            f"layer {num_seeds:,} seeds ({size / 2**20:.0f} MiB): {case}",
-            p50=stats,
-            p99=format_seconds(stats.p99),
-            ref_bare=ref_bare,
-            vs_bare=_ratio(stats, ref_bare),
-            ref_torch=ref_torch,
-            vs_torch=_ratio(stats, ref_torch),
+        _add_vs_refs(
+            report, f"layer {num_seeds:,} seeds ({size / 2**20:.0f} MiB): {case}", stats, ref_bare, ref_torch,
             throughput=f"{size / stats.median / 2**30:.2f} GiB/s",
-        )
+        )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,17 +13,14 @@ time (1.0 = the protocol costs no more than moving its bytes once).
 
 from __future__ import annotations
 
-import gc
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 
 try:
-    from ._harness import Report, Stats, parse_args
+    from ._harness import Report, Stats, interleaved, parse_args
 except ImportError:  # run as a script
-    from _harness import Report, Stats, parse_args  # type: ignore[no-redef]
+    from _harness import Report, Stats, interleaved, parse_args  # type: ignore[no-redef]
 
 from kasmina._generated.lifecycle_tables import ExtendedLifecycle
 from kasmina.distributed import CommandBatch, LifecycleSync, SeedCommand, apply_commands
@@ -74,32 +71,10 @@ def _measure(sync: LifecycleSync, n: int, repeats: int) -> dict[str, Stats | int
         torch.distributed.all_reduce(ref_tensor)
 
     stats: dict[str, Stats | int] = dict(
-        _interleaved({"bare": bare, "boundary": boundary, "reduce": reduce_only, "commands": broadcast_only}, repeats)
+        interleaved({"bare": bare, "boundary": boundary, "reduce": reduce_only, "commands": broadcast_only}, repeats)
     )
     stats["bytes"] = ref_tensor.numel() * 4
     return stats
-
-
-def _interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 3) -> dict[str, Stats]:
-    """Samples of each function taken in turn (bare, boundary, ...) rather than one block
-    after another, so load bursts on the shared machine hit every column alike. Every
-    rank runs the same sequence of collectives."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {name: Stats(tuple(values)) for name, values in samples.items()}
 
 
 def _rank(rank: int, sizes: tuple[int, ...], repeats: int) -> dict[int, dict[str, Stats | int]] | None:
