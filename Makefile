@@ -12,7 +12,7 @@ STAMPS := .make-stamps
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: test demo build bench cuda-check lint codegen clean
+.PHONY: test test-slow demo build bench cuda-check lint codegen clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: build
 	$(PY) -m codegen --check
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The long explorations (pytest -m slow); CI runs them after `make test`.
+test-slow: build
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 demo: build
 	$(VENV)/bin/kasmina demo
