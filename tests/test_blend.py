@@ -297,6 +297,28 @@ def test_compiled_reference_equals_kernel() -> None:
 
 
 @needs_extension
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "no_input_requires_grad"])
+def test_no_grad_calls_skip_autograd_and_match(context) -> None:
+    base, bp, alpha = make_inputs((3, 5, 26), 6, torch.float32, seed=14, zero_chunks=(2,))
+    bp = poison(bp, alpha, 6)
+    want = torch.ops.kasmina.chunked_blend(base, bp, alpha, 6)
+    guard = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(context, torch.enable_grad)
+    with guard():
+        got = ops.chunked_blend(base, bp, alpha, 6)
+    assert torch.equal(got, want)
+    assert not got.requires_grad and got.grad_fn is None
+    with torch.no_grad():
+        compiled = torch.compile(lambda b, p, a: ops.chunked_blend(b, p, a, 6), fullgraph=True)
+        assert torch.equal(compiled(base, bp, alpha), want)
+    # One input requiring grad is enough for the autograd path.
+    leaf = alpha.clone().requires_grad_(True)
+    out = ops.chunked_blend(base, bp, leaf, 6)
+    assert out.grad_fn is not None
+    (grad_alpha,) = torch.autograd.grad(out.sum(), leaf)
+    assert torch.isfinite(grad_alpha).all() and grad_alpha[2] == 0
+
+
+@needs_extension
 def test_public_entry_uses_the_kernel_on_cpu() -> None:
     assert ops._blend_kernel(torch.empty(1))
 
