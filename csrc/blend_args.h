@@ -68,6 +68,31 @@ inline BlendArgs prepare_blend_args(const at::Tensor& base, const at::Tensor& bl
   return args;
 }
 
+// The checked operands of one backward call, with the buffers of the element-wise
+// gradients it returns.
+struct BlendBackwardArgs {
+  BlendArgs args;
+  at::Tensor grad;            // contiguous, same shape, dtype and device as base
+  at::Tensor grad_base;       // uninitialised, shaped like base when needed, else empty (0,)
+  at::Tensor grad_blueprint;  // likewise
+};
+
+// Checks the operands of chunked_blend_backward (as prepare_blend_args, and grad like
+// base) and allocates grad_base / grad_blueprint; grad_alpha is the kernel's to allocate.
+inline BlendBackwardArgs prepare_blend_backward_args(const at::Tensor& grad, const at::Tensor& base,
+                                                     const at::Tensor& blueprint, const at::Tensor& alpha,
+                                                     int64_t num_chunks, bool need_base, bool need_blueprint,
+                                                     const char* op) {
+  BlendBackwardArgs b;
+  b.args = prepare_blend_args(base, blueprint, alpha, num_chunks, op);
+  check_same_as_base(base, grad, "grad", op);
+  b.grad = grad.contiguous();
+  const at::Tensor unused = b.args.base.new_empty({0});
+  b.grad_base = need_base ? b.args.base.new_empty(base.sizes()) : unused;
+  b.grad_blueprint = need_blueprint ? b.args.base.new_empty(base.sizes()) : unused;
+  return b;
+}
+
 // Calls f(scalar_t{}, acc_t{}) for the dtype of the operands.
 template <typename F>
 void dispatch_blend_dtype(at::ScalarType t, const char* op, F&& f) {

@@ -364,12 +364,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunked_blend_backward_cpu(
     const at::Tensor& grad, const at::Tensor& base, const at::Tensor& blueprint_out, const at::Tensor& alpha,
     int64_t num_chunks, bool need_base, bool need_blueprint, bool need_alpha) {
   constexpr const char* op = "chunked_blend_backward";
-  const BlendArgs args = prepare_blend_args(base, blueprint_out, alpha, num_chunks, op);
-  check_same_as_base(base, grad, "grad", op);
-  const at::Tensor g = grad.contiguous();
-  const at::Tensor unused = at::empty({0}, args.base.options());
-  at::Tensor gb = need_base ? at::empty(base.sizes(), args.base.options()) : unused;
-  at::Tensor gp = need_blueprint ? at::empty(base.sizes(), args.base.options()) : unused;
+  BlendBackwardArgs b =
+      prepare_blend_backward_args(grad, base, blueprint_out, alpha, num_chunks, need_base, need_blueprint, op);
+  const BlendArgs& args = b.args;
+  const at::Tensor& g = b.grad;
+  at::Tensor& gb = b.grad_base;
+  at::Tensor& gp = b.grad_blueprint;
   at::Tensor ga = need_alpha ? at::zeros({num_chunks}, alpha.options()) : at::empty({0}, alpha.options());
   if (base.numel() == 0) return {gb, gp, ga};
   dispatch_blend_dtype(args.base.scalar_type(), op, [&](auto scalar, auto acc) {

@@ -19,13 +19,8 @@
 
 #include <cstdint>
 
-#ifndef KASMINA_HD
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define KASMINA_HD __host__ __device__ __forceinline__
-#else
-#define KASMINA_HD inline
-#endif
-#endif
+// KASMINA_HD comes from the generated tables, its one definition.
+#include "generated/lifecycle_tables.h"
 
 namespace kasmina {
 namespace blend {

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "lifecycle_args.h"
 #include "lifecycle_step.h"
 
 namespace kasmina {
@@ -22,22 +23,10 @@ namespace lc = ::kasmina::lifecycle;
 
 constexpr int64_t kGrain = 1 << 14;
 
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "kasmina: ", name, " must be on the CPU like the state tensor, got ", t.device());
-}
-
-void check_state(const at::Tensor& state) {
-  check_cpu(state, "state");
-  TORCH_CHECK(state.scalar_type() == at::kInt, "kasmina: state must be int32, got ", state.scalar_type());
-  TORCH_CHECK(state.dim() == 2 && state.size(1) == spec::kNumStateColumns, "kasmina: state must have shape (N, ",
-              spec::kNumStateColumns, "), got ", state.sizes());
-  TORCH_CHECK(state.is_contiguous(), "kasmina: state must be contiguous");
-}
-
-void check_vector(const at::Tensor& t, const char* name, int64_t length) {
-  check_cpu(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == length, "kasmina: ", name, " must have shape (", length, "), got ",
-              t.sizes());
+// The state tensor of a CPU kernel call: on the CPU, int32 (N, kNumStateColumns), contiguous.
+void check_cpu_state(const at::Tensor& state) {
+  lc::check_on_device(state, "state", at::Device(at::kCPU));
+  lc::check_state(state);
 }
 
 // Requests handled per task of at::parallel_for: below this a batch runs on the calling
@@ -153,64 +142,32 @@ at::Tensor apply_transitions_cpu(at::Tensor& state, at::Tensor& history, at::Ten
                                  const at::Tensor& seed_ids, const at::Tensor& from_states,
                                  const at::Tensor& to_states, const at::Tensor& context,
                                  const at::Tensor& min_epochs, const at::Tensor& params) {
-  check_state(state);
-  const int64_t n = state.size(0);
-  check_cpu(history, "history");
-  TORCH_CHECK(history.scalar_type() == at::kInt, "kasmina: history must be int32, got ", history.scalar_type());
-  TORCH_CHECK(history.dim() == 3 && history.size(0) == n && history.size(1) == spec::kHistoryLength &&
-                  history.size(2) == 2,
-              "kasmina: history must have shape (", n, ", ", spec::kHistoryLength, ", 2), got ", history.sizes());
-  TORCH_CHECK(history.is_contiguous(), "kasmina: history must be contiguous");
-  check_vector(history_count, "history_count", n);
-  TORCH_CHECK(history_count.scalar_type() == at::kInt, "kasmina: history_count must be int32, got ",
-              history_count.scalar_type());
-  TORCH_CHECK(history_count.is_contiguous(), "kasmina: history_count must be contiguous");
-
-  TORCH_CHECK(seed_ids.dim() == 1, "kasmina: seed_ids must be 1-D, got shape ", seed_ids.sizes());
-  const int64_t k = seed_ids.size(0);
-  check_vector(seed_ids, "seed_ids", k);
-  TORCH_CHECK(seed_ids.scalar_type() == at::kLong, "kasmina: seed_ids must be int64, got ", seed_ids.scalar_type());
-  check_vector(from_states, "from_states", k);
-  check_vector(to_states, "to_states", k);
-  TORCH_CHECK(from_states.scalar_type() == to_states.scalar_type() &&
-                  (from_states.scalar_type() == at::kInt || from_states.scalar_type() == at::kLong),
-              "kasmina: from_states and to_states must both be int32 or both int64, got ", from_states.scalar_type(),
-              " and ", to_states.scalar_type());
-  check_cpu(context, "context");
-  TORCH_CHECK(context.scalar_type() == at::kFloat, "kasmina: context must be float32, got ", context.scalar_type());
-  TORCH_CHECK(context.dim() == 2 && context.size(0) == k && context.size(1) == spec::kNumContextFields,
-              "kasmina: context must have shape (", k, ", ", spec::kNumContextFields, "), got ", context.sizes());
-  check_vector(min_epochs, "min_epochs", spec::kNumStates);
-  TORCH_CHECK(min_epochs.scalar_type() == at::kInt, "kasmina: min_epochs must be int32, got ",
-              min_epochs.scalar_type());
-  check_vector(params, "params", spec::kNumParams);
-  TORCH_CHECK(params.scalar_type() == at::kFloat, "kasmina: params must be float32, got ", params.scalar_type());
-
-  const at::Tensor ids = seed_ids.contiguous();
-  const at::Tensor from = from_states.contiguous();
-  const at::Tensor to = to_states.contiguous();
-  const at::Tensor ctx = context.contiguous();
-  const at::Tensor me = min_epochs.contiguous();
-  const at::Tensor pr = params.contiguous();
+  check_cpu_state(state);
+  const lc::ApplyArgs args =
+      lc::prepare_apply_args(state, history, history_count, seed_ids, from_states, to_states, context, min_epochs,
+                             params);
+  const int64_t k = args.num_requests;
   at::Tensor codes = at::empty({k}, seed_ids.options().dtype(at::kInt));
   if (k == 0) return codes;
 
-  if (from.scalar_type() == at::kInt) {
-    apply_kernel<int32_t>(state.data_ptr<int32_t>(), history.data_ptr<int32_t>(), history_count.data_ptr<int32_t>(),
-                          n, ids.data_ptr<int64_t>(), from.data_ptr<int32_t>(), to.data_ptr<int32_t>(),
-                          ctx.data_ptr<float>(), me.data_ptr<int32_t>(), pr.data_ptr<float>(),
-                          codes.data_ptr<int32_t>(), k);
+  const auto run = [&](auto state_index) {
+    using StateIndex = decltype(state_index);
+    apply_kernel<StateIndex>(state.data_ptr<int32_t>(), history.data_ptr<int32_t>(),
+                             history_count.data_ptr<int32_t>(), args.num_seeds, args.seed_ids.data_ptr<int64_t>(),
+                             args.from_states.data_ptr<StateIndex>(), args.to_states.data_ptr<StateIndex>(),
+                             args.context.data_ptr<float>(), args.min_epochs.data_ptr<int32_t>(),
+                             args.params.data_ptr<float>(), codes.data_ptr<int32_t>(), k);
+  };
+  if (args.from_states.scalar_type() == at::kInt) {
+    run(int32_t{});
   } else {
-    apply_kernel<int64_t>(state.data_ptr<int32_t>(), history.data_ptr<int32_t>(), history_count.data_ptr<int32_t>(),
-                          n, ids.data_ptr<int64_t>(), from.data_ptr<int64_t>(), to.data_ptr<int64_t>(),
-                          ctx.data_ptr<float>(), me.data_ptr<int32_t>(), pr.data_ptr<float>(),
-                          codes.data_ptr<int32_t>(), k);
+    run(int64_t{});
   }
   return codes;
 }
 
 void step_epoch_cpu(at::Tensor& state) {
-  check_state(state);
+  check_cpu_state(state);
   int32_t* rows = state.data_ptr<int32_t>();
   at::parallel_for(0, state.size(0), kGrain * 8, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) lc::step_row_epoch(rows + s * spec::kNumStateColumns);
@@ -218,7 +175,7 @@ void step_epoch_cpu(at::Tensor& state) {
 }
 
 at::Tensor state_summary_cpu(const at::Tensor& state) {
-  check_state(state);
+  check_cpu_state(state);
   const int32_t* rows = state.data_ptr<int32_t>();
   std::array<std::atomic<int64_t>, spec::kNumStates> totals{};
   at::parallel_for(0, state.size(0), kGrain * 8, [&](int64_t begin, int64_t end) {

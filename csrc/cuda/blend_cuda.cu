@@ -327,12 +327,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunked_blend_backward_cuda(
   constexpr const char* op = "chunked_blend_backward";
   check_cuda(base, op);
   const c10::cuda::CUDAGuard guard(base.device());
-  const BlendArgs args = prepare_blend_args(base, blueprint_out, alpha, num_chunks, op);
-  check_same_as_base(base, grad, "grad", op);
-  const at::Tensor g = grad.contiguous();
-  const at::Tensor unused = at::empty({0}, args.base.options());
-  at::Tensor gb = need_base ? at::empty(base.sizes(), args.base.options()) : unused;
-  at::Tensor gp = need_blueprint ? at::empty(base.sizes(), args.base.options()) : unused;
+  BlendBackwardArgs b =
+      prepare_blend_backward_args(grad, base, blueprint_out, alpha, num_chunks, need_base, need_blueprint, op);
+  const BlendArgs& args = b.args;
+  const at::Tensor& g = b.grad;
+  at::Tensor& gb = b.grad_base;
+  at::Tensor& gp = b.grad_blueprint;
   // grad_alpha is summed in the accumulation dtype and returned in alpha's dtype.
   at::Tensor ga = need_alpha ? at::empty({num_chunks}, args.alpha.options()) : at::empty({0}, alpha.options());
   if (base.numel() == 0) {

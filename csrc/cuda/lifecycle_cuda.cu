@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "lifecycle_args.h"
 #include "lifecycle_step.h"
 
 namespace kasmina {
@@ -34,23 +35,10 @@ unsigned blocks_for(int64_t items) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, 65535)));
 }
 
-void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, "kasmina: ", name, " must be on ", device, " like the state tensor, got ",
-              t.device());
-}
-
-void check_state(const at::Tensor& state) {
+// The state tensor of a CUDA kernel call: on a CUDA device, int32 (N, kNumStateColumns), contiguous.
+void check_cuda_state(const at::Tensor& state) {
   TORCH_CHECK(state.is_cuda(), "kasmina: the CUDA kernel got state on ", state.device());
-  TORCH_CHECK(state.scalar_type() == at::kInt, "kasmina: state must be int32, got ", state.scalar_type());
-  TORCH_CHECK(state.dim() == 2 && state.size(1) == spec::kNumStateColumns, "kasmina: state must have shape (N, ",
-              spec::kNumStateColumns, "), got ", state.sizes());
-  TORCH_CHECK(state.is_contiguous(), "kasmina: state must be contiguous");
-}
-
-void check_vector(const at::Tensor& t, const char* name, int64_t length, const at::Device& device) {
-  check_device(t, name, device);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == length, "kasmina: ", name, " must have shape (", length, "), got ",
-              t.sizes());
+  lc::check_state(state);
 }
 
 __global__ void count_requests_kernel(const int64_t* __restrict__ seed_ids, int64_t num_requests, int64_t num_seeds,
@@ -88,23 +76,22 @@ __global__ void judge_and_commit_kernel(int32_t* __restrict__ state, int32_t* __
 }
 
 template <typename StateIndex>
-void launch_apply(at::Tensor& state, at::Tensor& history, at::Tensor& history_count, const at::Tensor& ids,
-                  const at::Tensor& from, const at::Tensor& to, const at::Tensor& ctx, const at::Tensor& min_epochs,
-                  const at::Tensor& params, at::Tensor& codes, cudaStream_t stream) {
-  const int64_t n = state.size(0);
-  const int64_t k = ids.size(0);
+void launch_apply(at::Tensor& state, at::Tensor& history, at::Tensor& history_count, const lc::ApplyArgs& args,
+                  at::Tensor& codes, cudaStream_t stream) {
+  const int64_t n = args.num_seeds;
+  const int64_t k = args.num_requests;
   at::Tensor counts;
   if (k > 1) {  // a batch of one cannot hold duplicates
     counts = at::zeros({n}, state.options());
-    count_requests_kernel<<<blocks_for(k), kThreads, 0, stream>>>(ids.data_ptr<int64_t>(), k, n,
+    count_requests_kernel<<<blocks_for(k), kThreads, 0, stream>>>(args.seed_ids.data_ptr<int64_t>(), k, n,
                                                                   counts.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   judge_and_commit_kernel<StateIndex><<<blocks_for(k), kThreads, 0, stream>>>(
       state.data_ptr<int32_t>(), history.data_ptr<int32_t>(), history_count.data_ptr<int32_t>(), n,
-      ids.data_ptr<int64_t>(), from.data_ptr<StateIndex>(), to.data_ptr<StateIndex>(), ctx.data_ptr<float>(),
-      min_epochs.data_ptr<int32_t>(), params.data_ptr<float>(), k > 1 ? counts.data_ptr<int32_t>() : nullptr,
-      codes.data_ptr<int32_t>(), k);
+      args.seed_ids.data_ptr<int64_t>(), args.from_states.data_ptr<StateIndex>(),
+      args.to_states.data_ptr<StateIndex>(), args.context.data_ptr<float>(), args.min_epochs.data_ptr<int32_t>(),
+      args.params.data_ptr<float>(), k > 1 ? counts.data_ptr<int32_t>() : nullptr, codes.data_ptr<int32_t>(), k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -112,54 +99,20 @@ at::Tensor apply_transitions_cuda(at::Tensor& state, at::Tensor& history, at::Te
                                   const at::Tensor& seed_ids, const at::Tensor& from_states,
                                   const at::Tensor& to_states, const at::Tensor& context,
                                   const at::Tensor& min_epochs, const at::Tensor& params) {
-  check_state(state);
+  check_cuda_state(state);
   const at::Device device = state.device();
-  const int64_t n = state.size(0);
-  check_device(history, "history", device);
-  TORCH_CHECK(history.scalar_type() == at::kInt, "kasmina: history must be int32, got ", history.scalar_type());
-  TORCH_CHECK(history.dim() == 3 && history.size(0) == n && history.size(1) == spec::kHistoryLength &&
-                  history.size(2) == 2,
-              "kasmina: history must have shape (", n, ", ", spec::kHistoryLength, ", 2), got ", history.sizes());
-  TORCH_CHECK(history.is_contiguous(), "kasmina: history must be contiguous");
-  check_vector(history_count, "history_count", n, device);
-  TORCH_CHECK(history_count.scalar_type() == at::kInt, "kasmina: history_count must be int32, got ",
-              history_count.scalar_type());
-  TORCH_CHECK(history_count.is_contiguous(), "kasmina: history_count must be contiguous");
-
-  TORCH_CHECK(seed_ids.dim() == 1, "kasmina: seed_ids must be 1-D, got shape ", seed_ids.sizes());
-  const int64_t k = seed_ids.size(0);
-  check_vector(seed_ids, "seed_ids", k, device);
-  TORCH_CHECK(seed_ids.scalar_type() == at::kLong, "kasmina: seed_ids must be int64, got ", seed_ids.scalar_type());
-  check_vector(from_states, "from_states", k, device);
-  check_vector(to_states, "to_states", k, device);
-  TORCH_CHECK(from_states.scalar_type() == to_states.scalar_type() &&
-                  (from_states.scalar_type() == at::kInt || from_states.scalar_type() == at::kLong),
-              "kasmina: from_states and to_states must both be int32 or both int64, got ", from_states.scalar_type(),
-              " and ", to_states.scalar_type());
-  check_device(context, "context", device);
-  TORCH_CHECK(context.scalar_type() == at::kFloat, "kasmina: context must be float32, got ", context.scalar_type());
-  TORCH_CHECK(context.dim() == 2 && context.size(0) == k && context.size(1) == spec::kNumContextFields,
-              "kasmina: context must have shape (", k, ", ", spec::kNumContextFields, "), got ", context.sizes());
-  check_vector(min_epochs, "min_epochs", spec::kNumStates, device);
-  TORCH_CHECK(min_epochs.scalar_type() == at::kInt, "kasmina: min_epochs must be int32, got ",
-              min_epochs.scalar_type());
-  check_vector(params, "params", spec::kNumParams, device);
-  TORCH_CHECK(params.scalar_type() == at::kFloat, "kasmina: params must be float32, got ", params.scalar_type());
-
   const c10::cuda::CUDAGuard guard(device);
-  const at::Tensor ids = seed_ids.contiguous();
-  const at::Tensor from = from_states.contiguous();
-  const at::Tensor to = to_states.contiguous();
-  const at::Tensor ctx = context.contiguous();
-  const at::Tensor me = min_epochs.contiguous();
-  const at::Tensor pr = params.contiguous();
+  const lc::ApplyArgs args =
+      lc::prepare_apply_args(state, history, history_count, seed_ids, from_states, to_states, context, min_epochs,
+                             params);
+  const int64_t k = args.num_requests;
   at::Tensor codes = at::empty({k}, seed_ids.options().dtype(at::kInt));
   if (k == 0) return codes;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  if (from.scalar_type() == at::kInt) {
-    launch_apply<int32_t>(state, history, history_count, ids, from, to, ctx, me, pr, codes, stream);
+  if (args.from_states.scalar_type() == at::kInt) {
+    launch_apply<int32_t>(state, history, history_count, args, codes, stream);
   } else {
-    launch_apply<int64_t>(state, history, history_count, ids, from, to, ctx, me, pr, codes, stream);
+    launch_apply<int64_t>(state, history, history_count, args, codes, stream);
   }
   return codes;
 }
@@ -172,7 +125,7 @@ __global__ void step_epoch_kernel(int32_t* __restrict__ state, int64_t num_seeds
 }
 
 void step_epoch_cuda(at::Tensor& state) {
-  check_state(state);
+  check_cuda_state(state);
   const int64_t n = state.size(0);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(state.device());
@@ -198,7 +151,7 @@ __global__ void state_summary_kernel(const int32_t* __restrict__ state, int64_t 
 }
 
 at::Tensor state_summary_cuda(const at::Tensor& state) {
-  check_state(state);
+  check_cuda_state(state);
   const c10::cuda::CUDAGuard guard(state.device());
   at::Tensor out = at::zeros({spec::kNumStates}, state.options().dtype(at::kLong));
   const int64_t n = state.size(0);
