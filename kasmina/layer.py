@@ -557,14 +557,7 @@ class ChunkedKasminaLayer(nn.Module):
         if current == target:
             return None
         row = self.state.state[seed].tolist()
-        ctx = TransitionContext(
-            seed,
-            row[StateColumn.LIFECYCLE_STATE],
-            dst,
-            epochs_in_state=row[StateColumn.EPOCHS_IN_STATE],
-            performance_metrics=metrics,
-            error_count=row[StateColumn.ERROR_COUNT],
-        )
+        ctx = TransitionContext.from_row(seed, dst, row, metrics)
         if row[StateColumn.LIFECYCLE_STATE] != src or StateTransition(self.lifecycle.policy).judge(src, dst, ctx) != Reason.OK:
             return None  # the lifecycle refuses anyway and says why
         message = (

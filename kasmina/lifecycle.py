@@ -30,6 +30,7 @@ from ._generated.lifecycle_tables import (
     STATE_NAMES,
     ExtendedLifecycle,
     Reason,
+    StateColumn,
 )
 from .policy import LifecyclePolicy, resolve_state
 
@@ -111,6 +112,19 @@ class TransitionContext:
             setattr(self, name, int(value))
         self.performance_metrics = dict(self.performance_metrics)
         self.metadata = dict(self.metadata)
+
+    @classmethod
+    def from_row(cls, seed_id: int, target_state: Any, row: list[int], metrics: dict[str, Any]) -> TransitionContext:
+        """The context of a request judged on a seed's state row (a list of its int32
+        columns, as ``ExtendedStateTensor.state[seed].tolist()`` gives it)."""
+        return cls(
+            seed_id,
+            row[StateColumn.LIFECYCLE_STATE],
+            target_state,
+            epochs_in_state=row[StateColumn.EPOCHS_IN_STATE],
+            performance_metrics=metrics,
+            error_count=row[StateColumn.ERROR_COUNT],
+        )
 
     def context_row(self) -> np.ndarray:
         """The guard metrics as a float32 row in ``CONTEXT_FIELDS`` order (NaN = missing)."""

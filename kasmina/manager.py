@@ -301,14 +301,7 @@ class LifecycleManager:
                 epochs_in_state=row[StateColumn.EPOCHS_IN_STATE],
                 min_epochs=validator.policy.min_epochs[src],
             )
-        seen = TransitionContext(
-            seed_id,
-            row[StateColumn.LIFECYCLE_STATE],
-            dst,
-            epochs_in_state=row[StateColumn.EPOCHS_IN_STATE],
-            performance_metrics=metrics,
-            error_count=row[StateColumn.ERROR_COUNT],
-        )
+        seen = TransitionContext.from_row(seed_id, dst, row, metrics)
         return validator.message(code, seed_id, src, dst, seen, num_seeds=num_seeds)
 
     @staticmethod
