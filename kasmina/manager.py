@@ -102,7 +102,7 @@ class _SingleRequest:
         self.policy: LifecyclePolicy | None = None
         self.policy_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         # The compiled op itself where it serves this device (skips the dispatch in ops).
-        direct = ops._lifecycle_kernel(torch.empty(0, device=device)) and device.type == "cpu"
+        direct = ops.compiled_serves(torch.empty(0, device=device)) and device.type == "cpu"
         self.op = torch.ops.kasmina.apply_transitions.default if direct else ops.apply_transitions
 
     def fill(self, seed_id: int, src: int, dst: int, metrics: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:

@@ -15,19 +15,18 @@ from . import _reference
 from ._extension import HAS_CUDA_KERNELS, HAS_EXTENSION
 from ._generated.lifecycle_tables import NUM_STATES as _NUM_STATES
 
-__all__ = ["HAS_EXTENSION"]
+__all__ = ["HAS_EXTENSION", "compiled_serves"]
+
+
+def compiled_serves(tensor: torch.Tensor) -> bool:
+    """Whether the compiled ops serve tensors on ``tensor``'s device (else the reference)."""
+    # Tensor flags rather than tensor.device.type: building the device object costs ~1 µs a call.
+    return HAS_EXTENSION and (tensor.is_cpu or tensor.is_meta or (HAS_CUDA_KERNELS and tensor.is_cuda))
+
 
 # ---- lifecycle ops ----------------------------------------------------------------
 
 __all__ += ["apply_transitions", "state_summary", "step_epoch"]
-
-
-def _lifecycle_kernel(state: torch.Tensor) -> bool:
-    """Whether the compiled op serves tensors on ``state``'s device (else the reference)."""
-    if not HAS_EXTENSION:
-        return False
-    kind = state.device.type
-    return kind in ("cpu", "meta") or (kind == "cuda" and HAS_CUDA_KERNELS)
 
 
 def apply_transitions(
@@ -51,13 +50,13 @@ def apply_transitions(
     (``ExtendedStateTensor.apply_transitions`` does that); the kernels check shapes and
     dtypes only.
     """
-    impl = torch.ops.kasmina.apply_transitions if _lifecycle_kernel(state) else _reference.apply_transitions
+    impl = torch.ops.kasmina.apply_transitions if compiled_serves(state) else _reference.apply_transitions
     return impl(state, history, history_count, seed_ids, from_states, to_states, context, min_epochs, params)
 
 
 def step_epoch(state: torch.Tensor) -> None:
     """Advance every seed's EPOCHS_IN_STATE by one lifecycle epoch, saturating, in place."""
-    if _lifecycle_kernel(state):
+    if compiled_serves(state):
         torch.ops.kasmina.step_epoch(state)
     else:
         _reference.step_epoch(state)
@@ -65,7 +64,7 @@ def step_epoch(state: torch.Tensor) -> None:
 
 def state_summary(state: torch.Tensor) -> torch.Tensor:
     """Number of seeds in each state id, int64 (NUM_STATES,)."""
-    if _lifecycle_kernel(state):
+    if compiled_serves(state):
         return torch.ops.kasmina.state_summary(state)
     return _reference.state_summary(state)
 
@@ -91,12 +90,6 @@ if HAS_EXTENSION:
 __all__ += ["chunked_blend"]
 
 
-def _blend_kernel(base: torch.Tensor) -> bool:
-    """Whether the compiled blend serves tensors on ``base``'s device (else the reference)."""
-    # Tensor flags rather than base.device.type: building the device object costs ~1 µs a call.
-    return HAS_EXTENSION and (base.is_cpu or base.is_meta or (HAS_CUDA_KERNELS and base.is_cuda))
-
-
 def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.Tensor, num_chunks: int) -> torch.Tensor:
     """Blend a blueprint's output into the host's, chunk by chunk.
 
@@ -111,7 +104,7 @@ def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.
     ``torch.compile(fullgraph=True)``. Raises ValueError/TypeError for mismatched shapes,
     devices or dtypes, a wrong alpha length, or ``num_chunks`` outside ``[1, D]``.
     """
-    if not _blend_kernel(base):
+    if not compiled_serves(base):
         return _reference.chunked_blend(base, blueprint_out, alpha, num_chunks)
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled() and torch._C._any_requires_grad(base, blueprint_out, alpha)

@@ -320,7 +320,7 @@ def test_no_grad_calls_skip_autograd_and_match(context) -> None:
 
 @needs_extension
 def test_public_entry_uses_the_kernel_on_cpu() -> None:
-    assert ops._blend_kernel(torch.empty(1))
+    assert ops.compiled_serves(torch.empty(1))
 
 
 @st.composite
