@@ -63,7 +63,7 @@ from .checkpoint_format import (
     load_json,
     parse_sidecar,
 )
-from .checkpoint_index import SeedKey, SidecarIndex, newest_first
+from .checkpoint_index import SeedKey, SidecarIndex, newest_first, scan_folder
 from .checkpoint_v1 import V1_ID_RE, info_from_v1, load_v1, parse_v1_sidecar
 from .durable_io import atomic_write, clean_stale_temps, fsync_dir, is_temp_name, publish, write_temp
 
@@ -204,17 +204,21 @@ class CheckpointManager:
         self.durable = durable
         self.active_dir = self.checkpoint_dir / "active"
         self.archive_dir = self.checkpoint_dir / "archive"
+        self._active_path, self._archive_path = os.fspath(self.active_dir), os.fspath(self.archive_dir)
         self._make_folders()
         self._lock = threading.RLock()
         self._active = SidecarIndex(self.active_dir, "active", self.checkpoint_dir / ".index-cache-active.json")
         self._archive = SidecarIndex(self.archive_dir, "archive")
         self._numbers: dict[SeedKey, int] = {}
-        listing = {folder: [e.name for e in os.scandir(folder)] for folder in (self.active_dir, self.archive_dir)}
+        active = self._active.open()  # None: active/ is exactly as a tidy listing left it, nothing to clean or finish
+        archived = self._archive.open() or scan_folder(self.archive_dir)  # (archive/ has no snapshot: always listed)
         self.cleaned_temp_files = [
             *clean_stale_temps(self.checkpoint_dir),
-            *(path for folder, names in listing.items() for path in clean_stale_temps(folder, names)),
+            *(clean_stale_temps(self.active_dir, active.names) if active is not None else ()),
+            *clean_stale_temps(self.archive_dir, archived.names),
         ]
-        self._finish_interrupted_moves(set(listing[self.active_dir]), set(listing[self.archive_dir]))
+        if active is not None:
+            self._finish_interrupted_moves(active.names, archived.names)
 
     def __repr__(self) -> str:
         return (
@@ -278,12 +282,13 @@ class CheckpointManager:
         return self._commit(key, priority, None, payload, self._next_number(key)).checkpoint_id
 
     def _commit(self, key: SeedKey, priority: str, lifecycle: int | None, payload: EncodedPayload, number: int) -> CheckpointInfo:
-        folder = self.active_dir
-        temps: list[Path] = []
-        linked: list[Path] = []
+        folder = self._active_path
+        durable = self.durable
+        temps: list[str] = []
+        linked: list[str] = []
         stage = "writing the payload"
         try:
-            payload_temp, _ = write_temp(folder, "payload", payload.chunks, durable=self.durable)
+            payload_temp, _ = write_temp(folder, "payload", payload.chunks, durable=durable)
             temps.append(payload_temp)
             for _ in range(_MAX_ID_ATTEMPTS):
                 ms, seq = _CLOCK.next()
@@ -305,30 +310,29 @@ class CheckpointManager:
                     version=2,
                 )
                 stage = "writing the sidecar"
-                sidecar_temp, inode = write_temp(folder, "sidecar", [build_sidecar(info)], durable=self.durable)
+                sidecar_temp, inode = write_temp(folder, "sidecar", (build_sidecar(info),), durable=durable)
                 temps.append(sidecar_temp)
                 stage = "publishing the checkpoint"
-                payload_final, sidecar_final = folder / info.payload_file, folder / f"{checkpoint_id}.json"
+                payload_final, sidecar_final = f"{folder}/{checkpoint_id}.safetensors", f"{folder}/{checkpoint_id}.json"
                 try:
                     publish(payload_temp, payload_final, overwrite=False)
                 except FileExistsError:  # another process took this id: try the next one
                     _remove_quietly([sidecar_temp])
-                    temps.remove(sidecar_temp)
+                    temps.pop()
                     continue
-                temps.remove(payload_temp)
+                temps = [sidecar_temp]
                 linked.append(payload_final)
                 try:
                     publish(sidecar_temp, sidecar_final, overwrite=False)
                 except FileExistsError:  # a stray sidecar holds this id: take the payload back, try the next one
                     os.replace(payload_final, payload_temp)
-                    linked.remove(payload_final)
-                    temps.append(payload_temp)
+                    linked.clear()
                     _remove_quietly([sidecar_temp])
-                    temps.remove(sidecar_temp)
+                    temps = [payload_temp]
                     continue
-                temps.remove(sidecar_temp)
+                temps.clear()
                 linked.append(sidecar_final)
-                if self.durable:
+                if durable:
                     stage = "syncing the folder"
                     fsync_dir(folder)
                 break
@@ -373,22 +377,25 @@ class CheckpointManager:
     def _apply_retention(self, key: SeedKey) -> None:
         with self._lock:
             candidates = [i for i in self._active.for_key(key) if i.priority in _RETAINED and i.version == 2]
+            if len(candidates) <= self.max_checkpoints_per_seed:
+                return
             victims = newest_first(candidates)[self.max_checkpoints_per_seed :]
         for info in victims:
             try:
-                self._move(info.checkpoint_id, info.payload_file, self.active_dir, self.archive_dir)
+                self._move(info.checkpoint_id, info.payload_file, self._active_path, self._archive_path)
             except OSError as exc:  # the save itself succeeded; retention retries next time
                 warnings.warn(f"retention could not archive {info.checkpoint_id}: {exc}", RuntimeWarning, stacklevel=3)
 
-    def _move(self, checkpoint_id: str, payload_file: str, source: Path, target: Path) -> None:
-        """Move a checkpoint, sidecar first (it leaves ``source`` atomically), then payload."""
+    def _move(self, checkpoint_id: str, payload_file: str, source: str, target: str) -> None:
+        """Move a checkpoint (folders as strings), sidecar first (it leaves ``source``
+        atomically), then payload."""
         for name in (f"{checkpoint_id}.json", payload_file):
             try:
-                os.replace(source / name, target / name)
+                os.replace(f"{source}/{name}", f"{target}/{name}")
             except FileNotFoundError:
                 continue  # moved or deleted by someone else meanwhile
         with self._lock:
-            (self._active if source == self.active_dir else self._archive).remove(checkpoint_id)
+            (self._active if source == self._active_path else self._archive).remove(checkpoint_id)
             self._active.invalidate()
             self._archive.invalidate()
 
@@ -406,7 +413,7 @@ class CheckpointManager:
         try:
             if archive:
                 payload = next((n for n in names[1:] if (self.active_dir / n).exists()), names[1])
-                self._move(checkpoint_id, payload, self.active_dir, self.archive_dir)
+                self._move(checkpoint_id, payload, self._active_path, self._archive_path)
             else:
                 for folder in found:
                     _remove_quietly([folder / n for n in names])
@@ -439,25 +446,20 @@ class CheckpointManager:
         state = lifecycle_state_of(lifecycle_state)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-        with self._lock:
-            self._active.refresh()
-            if layer_id is not None and seed_id is not None:
-                candidates = newest_first(self._active.for_key((layer_id, "seed", seed_id)))
-            else:
-                candidates = self._active.newest_first()
-        if layer_id is None and seed_id is None and state is None:
-            return candidates[:limit]
-        found = []
-        for info in candidates:
-            if (
+
+        def wanted(info: CheckpointInfo) -> bool:
+            return (
                 (layer_id is None or info.layer_id == layer_id)
                 and (seed_id is None or info.seed_id == seed_id)
                 and (state is None or info.lifecycle_state == state)
-            ):
-                found.append(info)
-                if len(found) == limit:
-                    break
-        return found
+            )
+
+        with self._lock:
+            self._active.refresh()
+            if layer_id is not None and seed_id is not None:
+                found = [info for info in newest_first(self._active.for_key((layer_id, "seed", seed_id))) if wanted(info)]
+                return found[:limit]
+            return self._active.select(limit, None if layer_id is None and seed_id is None and state is None else wanted)
 
     def get_latest_checkpoint(self, layer_id: str, seed_id: int) -> CheckpointInfo | None:
         """The newest listed checkpoint of a seed, or None."""
@@ -735,21 +737,26 @@ class CheckpointManager:
             fsync_dir(self.checkpoint_dir)
             fsync_dir(self.checkpoint_dir.parent)
 
-    def _finish_interrupted_moves(self, active: set[str], archived: set[str]) -> None:
+    def _finish_interrupted_moves(self, active: list[str], archived: list[str]) -> None:
         """Complete moves to ``archive/`` cut short by a crash (sidecar and payload in
-        different folders). Only names of checkpoints are touched."""
-        for name in archived:
-            if name.endswith(".json") and not is_temp_name(name):
-                for ext in _PAYLOAD_EXTS:
-                    payload = name[:-5] + ext
-                    if payload in active and payload not in archived:
-                        os.replace(self.active_dir / payload, self.archive_dir / payload)
-        for name in active:
-            if name.endswith(".json") and not is_temp_name(name):
-                for ext in _PAYLOAD_EXTS:
-                    payload = name[:-5] + ext
-                    if payload in archived and payload not in active:
-                        os.replace(self.active_dir / name, self.archive_dir / name)
+        different folders). Only names of checkpoints are touched. A checkpoint with files
+        in both folders is found by walking the names of the smaller one."""
+        if not active or not archived:
+            return
+        active_set, archived_set = set(active), set(archived)
+        for name in archived if len(archived) <= len(active) else active:
+            stem, dot, ext = name.rpartition(".")
+            if not dot or (ext != "json" and f".{ext}" not in _PAYLOAD_EXTS):
+                continue
+            if ext == "json":
+                pairs = [(f"{stem}.json", f"{stem}{payload}") for payload in _PAYLOAD_EXTS]
+            else:
+                pairs = [(f"{stem}.json", name)]
+            for sidecar, payload in pairs:
+                if sidecar in archived_set and payload in active_set and payload not in archived_set:
+                    os.replace(self.active_dir / payload, self.archive_dir / payload)
+                elif sidecar in active_set and payload in archived_set and payload not in active_set:
+                    os.replace(self.active_dir / sidecar, self.archive_dir / sidecar)
 
     def candidates(self, key: SeedKey) -> list[tuple[str, Path]]:
         """Every checkpoint id of ``key`` that has any file in ``active/`` or ``archive/``
@@ -839,7 +846,7 @@ def _fill_state(state_dict: Mapping[str, torch.Tensor], state: Any, cls: type, t
     return fresh
 
 
-def _remove_quietly(paths: Iterable[Path]) -> None:
+def _remove_quietly(paths: Iterable[str | Path]) -> None:
     for path in paths:
         try:
             os.unlink(path)

@@ -77,6 +77,10 @@ for _name, _code in (
     if hasattr(torch, _name):
         _DTYPES[getattr(torch, _name)] = _code
 _CODES = {code: dtype for dtype, code in _DTYPES.items()}
+# dtypes whose tensors .numpy() can view directly (the others are viewed as uint8 first)
+_NUMPY_DTYPES = frozenset(
+    d for d in _DTYPES if d not in (torch.bfloat16, getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None))
+)
 
 
 class CheckpointInfo(NamedTuple):
@@ -156,45 +160,63 @@ def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:
     ``ValueError`` naming the path of a value that cannot be stored."""
     tensors: dict[str, torch.Tensor] = {}
     structure = {name: _encode_value(value, name, tensors) for name, value in sections.items()}
-    metadata = {"format": PAYLOAD_FORMAT, "structure": json.dumps(structure, separators=(",", ":"))}
-
-    ordered = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0]))
-    header: dict[str, Any] = {"__metadata__": metadata}
+    header: dict[str, Any] = {"__metadata__": {"format": PAYLOAD_FORMAT, "structure": _COMPACT.encode(structure)}}
     views: list[memoryview] = []
     offset = 0
+    ordered = sorted(tensors.items(), key=_tensor_order) if len(tensors) > 1 else tensors.items()
     for name, tensor in ordered:
-        nbytes = tensor.numel() * tensor.element_size()
+        view = _bytes_of(tensor)
+        nbytes = view.nbytes
         header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
         if nbytes:
-            views.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            views.append(view)
         offset += nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes = _COMPACT.encode(header).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
-    chunks: tuple[memoryview | bytes, ...] = (struct.pack("<Q", len(header_bytes)) + header_bytes, *views)
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return EncodedPayload(chunks, 8 + len(header_bytes) + offset, digest.hexdigest())
+    first = struct.pack("<Q", len(header_bytes)) + header_bytes
+    digest = hashlib.sha256(first)
+    for view in views:
+        digest.update(view)
+    return EncodedPayload((first, *views), len(first) + offset, digest.hexdigest())
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps would build one per call
+_SCALARS = (str, int, float, type(None))  # bool is an int; floats keep NaN and infinities (Python's JSON)
+
+
+def _tensor_order(item: tuple[str, torch.Tensor]) -> tuple[int, str]:
+    """Widest elements first, so every tensor's data starts aligned to its element size."""
+    return (-item[1].element_size(), item[0])
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    if not tensor.numel():
+        return memoryview(b"")
+    if tensor.dtype in _NUMPY_DTYPES:
+        return memoryview(tensor.numpy()).cast("B")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def _encode_value(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
+    kind = type(value)
+    if kind is torch.Tensor or isinstance(value, torch.Tensor):
         return {_TENSOR_TAG: _add_tensor(value, path, tensors)}
-    if isinstance(value, Mapping):
+    if kind is dict or (kind not in _SCALARS and isinstance(value, Mapping)):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str:
                 raise TypeError(f"checkpoint value {path!r}: dict keys must be strings, got {key!r} ({type(key).__name__})")
             if key == _TENSOR_TAG:
                 raise ValueError(f"checkpoint value {path!r}: the key {_TENSOR_TAG!r} is reserved")
             out[key] = _encode_value(item, f"{path}/{key}", tensors)
         return out
+    if kind in _SCALARS or kind is bool:
+        return value
     if isinstance(value, list | tuple):
         return [_encode_value(item, f"{path}/{i}", tensors) for i, item in enumerate(value)]
-    if value is None or isinstance(value, str | bool | int):
+    if isinstance(value, str | int | float):  # subclasses (IntEnum, ...): stored as the plain value
         return value
-    if isinstance(value, float):
-        return value  # NaN and infinities round-trip through Python's JSON
     raise TypeError(
         f"checkpoint value {path!r} has type {type(value).__name__}; only tensors, dicts with string keys, "
         "lists, tuples, str, int, float, bool and None can be stored"
@@ -206,14 +228,20 @@ def _add_tensor(tensor: torch.Tensor, path: str, tensors: dict[str, torch.Tensor
         raise TypeError(f"checkpoint tensor {path!r}: only dense tensors can be stored, got layout {tensor.layout}")
     if tensor.dtype not in _DTYPES:
         raise TypeError(f"checkpoint tensor {path!r}: dtype {tensor.dtype} is not supported by safetensors")
-    if tensor.device.type == "meta":
-        raise ValueError(f"checkpoint tensor {path!r} is on the meta device and has no data")
+    if not tensor.is_cpu:
+        if tensor.is_meta:
+            raise ValueError(f"checkpoint tensor {path!r} is on the meta device and has no data")
+        tensor = tensor.detach().to("cpu")
+    elif tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
     name = path
     suffix = 1
     while name in tensors:
         name = f"{path}#{suffix}"
         suffix += 1
-    tensors[name] = tensor.detach().to("cpu").contiguous()
+    tensors[name] = tensor
     return name
 
 
@@ -295,14 +323,16 @@ def _parse_safetensors(buffer: torch.Tensor, path: Path) -> tuple[dict[str, torc
 
 # ---- sidecar ---------------------------------------------------------------------------
 def build_sidecar(info: CheckpointInfo) -> bytes:
-    """The sidecar JSON of ``info`` (location is not stored: it is where the file is)."""
-    body = info.to_dict()
+    """The sidecar JSON of ``info`` (location is not stored: it is where the file is): its
+    canonical JSON (sorted keys, compact) with ``sidecar_sha256`` of that text appended."""
+    body = info._asdict()
     del body["location"]
     body["format"] = SIDECAR_FORMAT
     body["created_utc"] = _dt.datetime.fromtimestamp(info.timestamp, _dt.timezone.utc).isoformat(timespec="milliseconds")
     body["lifecycle_state_name"] = info.lifecycle_state_name
-    body["sidecar_sha256"] = _canonical_sha(body)
-    return json.dumps(body, sort_keys=True).encode()  # one line: the C encoder (indent would use the slow one)
+    canonical = _CANONICAL.encode(body)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    return f'{canonical[:-1]},"sidecar_sha256":"{digest}"}}'.encode()
 
 
 def load_json(raw: bytes, path: Path) -> dict[str, Any]:
@@ -381,5 +411,8 @@ def _typed(body: dict[str, Any], key: str, kind: type | tuple[type, ...], *, opt
     return value
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def _canonical_sha(body: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode(body).encode()).hexdigest()

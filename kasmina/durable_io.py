@@ -37,6 +37,8 @@ _counter = itertools.count()  # next() on itertools.count is atomic under the GI
 _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 Buffer = bytes | bytearray | memoryview
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024)
 
 
 def is_temp_name(name: str) -> bool:
@@ -44,20 +46,16 @@ def is_temp_name(name: str) -> bool:
     return _TEMP_RE.match(name) is not None
 
 
-def write_temp(folder: Path, label: str, chunks: Iterable[Buffer], *, durable: bool = True) -> tuple[Path, int]:
+def write_temp(folder: str | os.PathLike[str], label: str, chunks: Iterable[Buffer], *, durable: bool = True) -> tuple[str, int]:
     """Write ``chunks`` to a new temp file in ``folder`` (fsynced when ``durable``).
 
     Returns ``(temp path, inode)``. On any error the temp file is removed and the error
     re-raised (an ``OSError`` such as ENOSPC keeps its errno)."""
-    temp = folder / f"{TEMP_PREFIX}{os.getpid()}-{next(_counter)}-{label}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    temp = f"{os.fspath(folder)}/{TEMP_PREFIX}{os.getpid()}-{next(_counter)}-{label}.tmp"
+    fd = os.open(temp, _CREATE_FLAGS, 0o644)
     try:
         try:
-            for chunk in chunks:
-                view = memoryview(chunk).cast("B")
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+            _write_all(fd, chunks)
             if durable:
                 os.fsync(fd)
             inode = os.fstat(fd).st_ino
@@ -69,7 +67,22 @@ def write_temp(folder: Path, label: str, chunks: Iterable[Buffer], *, durable: b
     return temp, inode
 
 
-def publish(temp: Path, final: Path, *, overwrite: bool) -> None:
+def _write_all(fd: int, chunks: Iterable[Buffer]) -> None:
+    """Write every byte of ``chunks`` with as few ``writev`` calls as the kernel allows."""
+    views = [view for view in (memoryview(chunk).cast("B") for chunk in chunks) if view.nbytes]
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first : first + _IOV_MAX])
+        if written <= 0:
+            raise OSError(errno.EIO, f"writing to fd {fd} made no progress")
+        while first < len(views) and written >= views[first].nbytes:
+            written -= views[first].nbytes
+            first += 1
+        if written:
+            views[first] = views[first][written:]
+
+
+def publish(temp: str | os.PathLike[str], final: str | os.PathLike[str], *, overwrite: bool) -> None:
     """Give ``temp`` its final name atomically.
 
     ``overwrite=True`` uses ``os.replace``. ``overwrite=False`` never replaces an existing
@@ -92,7 +105,7 @@ def publish(temp: Path, final: Path, *, overwrite: bool) -> None:
     os.unlink(temp)
 
 
-def fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
     """fsync a folder so the names created, renamed or removed in it are durable."""
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -126,6 +139,8 @@ def clean_stale_temps(folder: Path, names: Iterable[str] | None = None) -> list[
         except FileNotFoundError:
             return removed
     for name in names:
+        if not name.startswith(TEMP_PREFIX):
+            continue
         match = _TEMP_RE.match(name)
         if match is None or _pid_alive(int(match["pid"])):
             continue
@@ -146,7 +161,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _unlink_quietly(path: Path) -> bool:
+def _unlink_quietly(path: str | os.PathLike[str]) -> bool:
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -433,7 +433,7 @@ def test_recovery_falls_back_to_archive_and_reports_when_nothing_is_left(tmp_pat
 # ---- disk full -----------------------------------------------------------------------------
 def _fail_in(monkeypatch: pytest.MonkeyPatch, folder: Path, call: str, after: int) -> None:
     """Make os.<call> raise ENOSPC for files under ``folder`` once ``after`` calls passed
-    (os.write writes part of its buffer first, like a real full disk)."""
+    (os.writev writes part of its first buffer first, like a real full disk)."""
     real = getattr(os, call)
     calls = {"n": 0}
 
@@ -442,8 +442,8 @@ def _fail_in(monkeypatch: pytest.MonkeyPatch, folder: Path, call: str, after: in
         if target.startswith(str(folder)) and TEMP_PREFIX in target:
             calls["n"] += 1
             if calls["n"] > after:
-                if call == "write":
-                    real(fd, bytes(args[0])[:7])
+                if call == "writev":
+                    os.write(fd, bytes(args[0][0])[:7])
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, *args)
 
@@ -451,7 +451,7 @@ def _fail_in(monkeypatch: pytest.MonkeyPatch, folder: Path, call: str, after: in
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to map fds to files")
-@pytest.mark.parametrize(("call", "after"), [("write", 0), ("write", 1), ("fsync", 0), ("fsync", 1)])
+@pytest.mark.parametrize(("call", "after"), [("writev", 0), ("writev", 1), ("fsync", 0), ("fsync", 1)])
 def test_disk_full_keeps_every_earlier_checkpoint(
     manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch, call: str, after: int
 ) -> None:

@@ -65,7 +65,7 @@ def crash_driver(folder: str, log_path: str, kills: int, seed: int) -> None:
         time.sleep(0.002)  # the next writer's ids start in a later millisecond
 
 
-_IO_CALLS = ("open", "write", "fsync", "link", "unlink", "replace", "rename")
+_IO_CALLS = ("open", "write", "writev", "fsync", "link", "unlink", "replace", "rename")
 
 
 def _save_until_killed_at(folder: str, log_path: str, point: int) -> None:
