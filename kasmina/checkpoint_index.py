@@ -293,6 +293,8 @@ class SidecarIndex:
                     continue
         self._mtime_ns = scan.mtime_ns
         self._settled = scan.settled
+        if self.cache_file is None:
+            return
         if parsed >= _CACHE_AFTER_PARSING or (snapshot is not None and snapshot.folder != list(scan.identity)):
             # a snapshot that can vouch for the whole folder lets the next cold start skip listing it
             complete = scan.settled and not self.unreadable and scan.is_tidy()
