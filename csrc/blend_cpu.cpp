@@ -22,7 +22,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -48,6 +50,15 @@ namespace {
 #define KASMINA_NOINLINE __attribute__((noinline))
 #else
 #define KASMINA_NOINLINE
+#endif
+
+// The element loops are compiled twice, for AVX2 and for baseline x86-64 (SSE2), and the
+// loader picks one for the machine (GCC target_clones, an ifunc). AVX2 only, not FMA: a
+// fused multiply-add rounds differently from the CUDA kernels and the reference.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define KASMINA_RUN_LOOP __attribute__((noinline, target_clones("avx2", "default")))
+#else
+#define KASMINA_RUN_LOOP KASMINA_NOINLINE
 #endif
 
 constexpr int64_t kTileElements = 1 << 15;
@@ -123,37 +134,99 @@ struct Layout {
 
 // Copy and zero fill of a run. Explicit 16-byte moves: glibc's memcpy/memset take
 // `rep movsb`/`rep stosb` for mid-sized blocks, which is several times slower than
-// vector moves on some machines (AMD Zen under KVM here).
-KASMINA_NOINLINE void copy_bytes(void* __restrict__ dst, const void* __restrict__ src, size_t bytes) {
+// vector moves on some machines (AMD Zen under KVM here). With `stream`, the stores are
+// non-temporal (see streams_outputs); the caller ends its task with stream_fence().
+#if defined(__SSE2__)
+inline void store16(unsigned char* d, __m128i v, bool stream) {
+  if (stream) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d), v);
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), v);
+  }
+}
+
+// Bytes to write one at a time before `d` is 16-byte aligned (non-temporal stores need it).
+inline size_t head_bytes(const void* d, size_t bytes) {
+  return std::min(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+}
+#endif
+
+KASMINA_NOINLINE void copy_bytes(void* __restrict__ dst, const void* __restrict__ src, size_t bytes,
+                                 bool stream = false) {
 #if defined(__SSE2__)
   auto* d = static_cast<unsigned char*>(dst);
   const auto* s = static_cast<const unsigned char*>(src);
-  size_t i = 0;
+  size_t i = head_bytes(d, bytes);
+  std::memcpy(d, s, i);
   for (; i + 64 <= bytes; i += 64) {
     const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
     const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
     const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), a);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i + 16), b);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i + 32), c);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i + 48), e);
+    store16(d + i, a, stream);
+    store16(d + i + 16, b, stream);
+    store16(d + i + 32, c, stream);
+    store16(d + i + 48, e, stream);
   }
+  for (; i + 16 <= bytes; i += 16) store16(d + i, _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)), stream);
   std::memcpy(d + i, s + i, bytes - i);
 #else
+  (void)stream;
   std::memcpy(dst, src, bytes);
 #endif
 }
 
-KASMINA_NOINLINE void zero_bytes(void* dst, size_t bytes) {
+KASMINA_NOINLINE void zero_bytes(void* dst, size_t bytes, bool stream = false) {
 #if defined(__SSE2__)
   auto* d = static_cast<unsigned char*>(dst);
   const __m128i zero = _mm_setzero_si128();
-  size_t i = 0;
-  for (; i + 16 <= bytes; i += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), zero);
+  size_t i = head_bytes(d, bytes);
+  std::memset(d, 0, i);
+  for (; i + 16 <= bytes; i += 16) store16(d + i, zero, stream);
   std::memset(d + i, 0, bytes - i);
 #else
+  (void)stream;
   std::memset(dst, 0, bytes);
+#endif
+}
+
+// Makes a task's non-temporal stores visible before the parallel region ends.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Size of the last-level cache (Linux sysfs; 32 MiB where it cannot be read).
+int64_t last_level_cache_bytes() {
+  std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index3/size");  // e.g. "32768K"
+  int64_t kib = 0;
+  return (file >> kib) && kib > 0 ? kib * 1024 : int64_t{32} << 20;
+}
+
+// Calls that move more bytes than this write their outputs with non-temporal stores. Those
+// skip reading each output cache line before overwriting it (a quarter of the forward
+// pass's traffic) but send the output to memory: worth it only when the operands do not
+// fit in the last-level cache anyway. KASMINA_STREAM_MIN_BYTES overrides the cache size.
+int64_t stream_min_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("KASMINA_STREAM_MIN_BYTES");
+    if (env == nullptr || *env == '\0') return last_level_cache_bytes();
+    char* end = nullptr;
+    const long long value = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && value >= 0, "KASMINA_STREAM_MIN_BYTES=", env,
+                      " is not a byte count; use a non-negative integer or leave it unset");
+    return static_cast<int64_t>(value);
+  }();
+  return bytes;
+}
+
+bool streams_outputs(int64_t bytes) {
+#if defined(__SSE2__)
+  return bytes > stream_min_bytes();
+#else
+  (void)bytes;
+  return false;
 #endif
 }
 
@@ -201,7 +274,7 @@ void float_to_half(const float* src, c10::Half* dst, int64_t n) {
 constexpr int64_t kStage = 512;
 
 template <typename scalar_t, typename acc_t>
-KASMINA_NOINLINE void forward_run(scalar_t* __restrict__ out, const scalar_t* __restrict__ base,
+KASMINA_RUN_LOOP void forward_run(scalar_t* __restrict__ out, const scalar_t* __restrict__ base,
                                   const scalar_t* __restrict__ bp, const acc_t* __restrict__ weight, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
     float b[kStage], p[kStage], o[kStage];
@@ -220,6 +293,19 @@ KASMINA_NOINLINE void forward_run(scalar_t* __restrict__ out, const scalar_t* __
   }
 }
 
+// forward_run through a stage buffer in L1, streamed out with non-temporal stores (see
+// streams_outputs).
+template <typename scalar_t, typename acc_t>
+KASMINA_NOINLINE void forward_run_streamed(scalar_t* out, const scalar_t* base, const scalar_t* bp,
+                                           const acc_t* weight, int64_t n) {
+  alignas(64) scalar_t stage[kStage];
+  for (int64_t i = 0; i < n; i += kStage) {
+    const int64_t m = std::min(kStage, n - i);
+    forward_run<scalar_t, acc_t>(stage, base + i, bp + i, weight + i, m);
+    copy_bytes(out + i, stage, static_cast<size_t>(m) * sizeof(scalar_t), true);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const BlendArgs& a, at::Tensor& out) {
   const scalar_t* base = a.base.data_ptr<scalar_t>();
@@ -227,23 +313,27 @@ void forward_kernel(const BlendArgs& a, at::Tensor& out) {
   scalar_t* o = out.data_ptr<scalar_t>();
   const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, a.num_chunks, kTileElements);
   const acc_t* weight = layout.weight.data();
+  const bool stream = streams_outputs(3 * a.rows * a.dim * static_cast<int64_t>(sizeof(scalar_t)));
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t) {
     for (int64_t row = r0; row < r1; ++row) {
-      const int64_t offset = row * a.dim;
+      const int64_t at = row * a.dim;
       layout.for_each_run(c0, c1, [&](int64_t lo, int64_t hi, bool active) {
-        if (active) {
-          forward_run<scalar_t, acc_t>(o + offset + lo, base + offset + lo, bp + offset + lo, weight + lo, hi - lo);
+        if (!active) {
+          copy_bytes(o + at + lo, base + at + lo, static_cast<size_t>(hi - lo) * sizeof(scalar_t), stream);
+        } else if (stream) {
+          forward_run_streamed<scalar_t, acc_t>(o + at + lo, base + at + lo, bp + at + lo, weight + lo, hi - lo);
         } else {
-          copy_bytes(o + offset + lo, base + offset + lo, static_cast<size_t>(hi - lo) * sizeof(scalar_t));
+          forward_run<scalar_t, acc_t>(o + at + lo, base + at + lo, bp + at + lo, weight + lo, hi - lo);
         }
       });
     }
+    if (stream) stream_fence();
   });
 }
 
 // One active run of one row of the backward pass; adds its grad_alpha terms to colsum.
 template <typename scalar_t, typename acc_t, bool NB, bool NP, bool NA>
-KASMINA_NOINLINE void backward_run(const scalar_t* __restrict__ g, const scalar_t* __restrict__ base,
+KASMINA_RUN_LOOP void backward_run(const scalar_t* __restrict__ g, const scalar_t* __restrict__ base,
                                    const scalar_t* __restrict__ bp, scalar_t* __restrict__ gb,
                                    scalar_t* __restrict__ gp, const acc_t* __restrict__ weight,
                                    acc_t* __restrict__ colsum, int64_t n) {
@@ -272,6 +362,23 @@ KASMINA_NOINLINE void backward_run(const scalar_t* __restrict__ g, const scalar_
   }
 }
 
+// backward_run with grad_base and grad_blueprint_out written through stage buffers in L1
+// and streamed out with non-temporal stores (see streams_outputs).
+template <typename scalar_t, typename acc_t, bool NB, bool NP, bool NA>
+KASMINA_NOINLINE void backward_run_streamed(const scalar_t* g, const scalar_t* base, const scalar_t* bp, scalar_t* gb,
+                                            scalar_t* gp, const acc_t* weight, acc_t* colsum, int64_t n) {
+  alignas(64) scalar_t stage_b[NB ? kStage : 1];
+  alignas(64) scalar_t stage_p[NP ? kStage : 1];
+  for (int64_t i = 0; i < n; i += kStage) {
+    const int64_t m = std::min(kStage, n - i);
+    const size_t bytes = static_cast<size_t>(m) * sizeof(scalar_t);
+    backward_run<scalar_t, acc_t, NB, NP, NA>(g + i, base + i, bp + i, stage_b, stage_p, weight + i,
+                                              NA ? colsum + i : nullptr, m);
+    if constexpr (NB) copy_bytes(gb + i, stage_b, bytes, true);
+    if constexpr (NP) copy_bytes(gp + i, stage_p, bytes, true);
+  }
+}
+
 template <typename scalar_t, typename acc_t, bool NB, bool NP, bool NA>
 void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& grad_base, at::Tensor& grad_bp,
                      at::Tensor& grad_alpha) {
@@ -288,6 +395,8 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
 
   // Per-feature sums of the current tile, one buffer per task (a task runs its tiles in turn).
   std::vector<acc_t> colsums(NA ? static_cast<size_t>(layout.num_tasks * layout.tile_cols) : 0);
+  const int64_t streams = 3 + (NB ? 1 : 0) + (NP ? 1 : 0);
+  const bool stream = streams_outputs(streams * a.rows * a.dim * static_cast<int64_t>(sizeof(scalar_t)));
 
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t task) {
     acc_t* colsum = NA ? colsums.data() + task * layout.tile_cols : nullptr;
@@ -297,17 +406,19 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
       layout.for_each_run(c0, c1, [&](int64_t lo, int64_t hi, bool active) {
         const int64_t at = offset + lo;
         if (active) {
-          backward_run<scalar_t, acc_t, NB, NP, NA>(g + at, base + at, bp + at, NB ? gb + at : nullptr,
-                                                    NP ? gp + at : nullptr, weight + lo,
-                                                    NA ? colsum + (lo - c0) : nullptr, hi - lo);
+          const auto run = stream ? backward_run_streamed<scalar_t, acc_t, NB, NP, NA>
+                                  : backward_run<scalar_t, acc_t, NB, NP, NA>;
+          run(g + at, base + at, bp + at, NB ? gb + at : nullptr, NP ? gp + at : nullptr, weight + lo,
+              NA ? colsum + (lo - c0) : nullptr, hi - lo);
         } else {
           // alpha == 0: out == base, so grad_base = g and nothing flows to blueprint_out or alpha.
           const size_t bytes = static_cast<size_t>(hi - lo) * sizeof(scalar_t);
-          if constexpr (NB) copy_bytes(gb + at, g + at, bytes);
-          if constexpr (NP) zero_bytes(gp + at, bytes);
+          if constexpr (NB) copy_bytes(gb + at, g + at, bytes, stream);
+          if constexpr (NP) zero_bytes(gp + at, bytes, stream);
         }
       });
     }
+    if (stream) stream_fence();
     if constexpr (NA) {
       double* partial = partials.data() + task * S;
       for (int64_t s = chunk_of(c0, a.dim, S); s < S && layout.begins[s] < c1; ++s) {
@@ -383,6 +494,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunked_blend_backward_cpu(
 TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
   m.impl("chunked_blend", &chunked_blend_cpu);
   m.impl("chunked_blend_backward", &chunked_blend_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(kasmina, CompositeImplicitAutograd, m) {
+  m.impl("blend_stream_min_bytes", &stream_min_bytes);
 }
 
 }  // namespace blend

@@ -35,6 +35,8 @@ TORCH_LIBRARY(kasmina, m) {
   m.def(
       "chunked_blend_backward(Tensor grad, Tensor base, Tensor blueprint_out, Tensor alpha, "
       "int num_chunks, bool need_base, bool need_blueprint, bool need_alpha) -> (Tensor, Tensor, Tensor)");
+  // Bytes above which a CPU blend call streams its outputs past the cache (blend_cpu.cpp).
+  m.def("blend_stream_min_bytes() -> int");
 }
 
 }  // namespace kasmina

@@ -5,7 +5,11 @@ autograd, opcheck and torch.compile."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,6 +161,64 @@ def test_kernel_forward_is_bitwise_equal_to_reference(dtype) -> None:
     base, bp, alpha = make_inputs((6, 9, 130), 13, dtype, seed=5, zero_chunks=(2, 7))
     out = torch.ops.kasmina.chunked_blend(base, bp, alpha, 13)
     assert torch.equal(out, _reference.chunked_blend(base, bp, alpha, 13))
+
+
+# Computes every case of the file argv[1] with the kernels and saves the results to argv[2];
+# run under KASMINA_STREAM_MIN_BYTES=0, which makes every call stream its outputs.
+_STREAMED_CHILD = """
+import sys, torch, kasmina
+cases = torch.load(sys.argv[1])
+results = {"threshold": torch.ops.kasmina.blend_stream_min_bytes(), "outputs": []}
+for base, bp, alpha, grad, num_chunks, needs in cases:
+    results["outputs"].append((
+        torch.ops.kasmina.chunked_blend(base, bp, alpha, num_chunks),
+        torch.ops.kasmina.chunked_blend_backward(grad, base, bp, alpha, num_chunks, *needs),
+    ))
+torch.save(results, sys.argv[2])
+"""
+
+
+def _streamed_cases() -> list[tuple]:
+    masks = [(a, b, c) for a in (False, True) for b in (False, True) for c in (False, True) if a or b or c]
+    cases = []
+    # Odd widths (rows start unaligned), runs longer than the kernel's 512-element stage,
+    # and alpha == 0 runs (copies and zero fills are streamed too).
+    for dtype in DTYPES:
+        for shape, num_chunks, zero in (((5, 37), 6, (1,)), ((3, 1500), 3, (1,)), ((2, 4099), 64, (0, 5, 63))):
+            base, bp, alpha = make_inputs(shape, num_chunks, dtype, seed=len(cases), zero_chunks=zero)
+            grad = torch.randn(shape, generator=torch.Generator().manual_seed(len(cases))).to(dtype)
+            for needs in masks if dtype == torch.float32 else masks[-1:]:
+                cases.append((base, poison(bp, alpha, num_chunks), alpha, grad, num_chunks, needs))
+    return cases
+
+
+@needs_extension
+def test_streamed_outputs_are_bitwise_equal_to_cached_stores(tmp_path: Path) -> None:
+    """Calls larger than the last-level cache write with non-temporal stores; forcing them
+    for every call (KASMINA_STREAM_MIN_BYTES=0, in a child process) changes no bit."""
+    cases = _streamed_cases()
+    largest = max(5 * c[0].numel() * c[0].element_size() for c in cases)
+    assert torch.ops.kasmina.blend_stream_min_bytes() > largest  # so this process never streams
+    torch.save(cases, tmp_path / "cases.pt")
+    env = {**os.environ, "KASMINA_STREAM_MIN_BYTES": "0"}
+    script = [sys.executable, "-c", _STREAMED_CHILD, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")]
+    subprocess.run(script, env=env, check=True, timeout=300)
+    results = torch.load(tmp_path / "out.pt")
+    assert results["threshold"] == 0
+    for (base, bp, alpha, grad, num_chunks, needs), (out, grads) in zip(cases, results["outputs"], strict=True):
+        assert torch.equal(out, torch.ops.kasmina.chunked_blend(base, bp, alpha, num_chunks))
+        want = torch.ops.kasmina.chunked_blend_backward(grad, base, bp, alpha, num_chunks, *needs)
+        for got, expected in zip(grads, want, strict=True):
+            assert torch.equal(got, expected)
+
+
+@needs_extension
+def test_bad_stream_threshold_is_a_clear_error() -> None:
+    env = {**os.environ, "KASMINA_STREAM_MIN_BYTES": "lots"}
+    code = "import torch, kasmina; torch.ops.kasmina.blend_stream_min_bytes()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "KASMINA_STREAM_MIN_BYTES=lots is not a byte count" in done.stderr
 
 
 @needs_extension
