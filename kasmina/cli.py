@@ -209,11 +209,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 # ---- info -----------------------------------------------------------------------------
 def info() -> dict[str, Any]:
-    """What ``kasmina info`` prints: version, backend, CUDA build, spec hash."""
+    """What ``kasmina info`` prints: version, backend, CUDA build, spec hash, and the size
+    above which CPU blend calls stream their outputs past the cache."""
     import torch
 
     from . import SPEC_SHA256, __version__, backend, backend_description
-    from ._extension import HAS_CUDA_KERNELS
+    from ._extension import HAS_CUDA_KERNELS, HAS_EXTENSION
 
     return {
         "version": __version__,
@@ -224,6 +225,7 @@ def info() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "spec_sha256": SPEC_SHA256,
+        "blend_stream_min_bytes": torch.ops.kasmina.blend_stream_min_bytes() if HAS_EXTENSION else None,
     }
 
 
@@ -237,6 +239,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"CUDA kernels:  {'built' if data['cuda_kernels_built'] else 'not built (CPU build)'}")
     print(f"torch:         {data['torch']} (CUDA {data['torch_cuda'] or 'none'}, device available: {data['cuda_available']})")
     print(f"spec sha256:   {data['spec_sha256']}")
+    if data["blend_stream_min_bytes"] is not None:
+        print(f"blend streams: outputs of CPU calls moving over {data['blend_stream_min_bytes'] / 2**20:.0f} MiB "
+              "(KASMINA_STREAM_MIN_BYTES)")
     return EXIT_OK
 
 

@@ -86,6 +86,8 @@ def test_info(capsys):
     assert data["spec_sha256"] == SPEC_SHA256
     assert data["backend"] in ("extension", "reference")
     assert data["cuda_available"] == torch.cuda.is_available()
+    if data["backend"] == "extension":
+        assert data["blend_stream_min_bytes"] == torch.ops.kasmina.blend_stream_min_bytes() > 0
 
 
 def test_spec_validate_default_and_file(capsys):
