@@ -65,7 +65,7 @@ from .checkpoint_format import (
 )
 from .checkpoint_index import SeedKey, SidecarIndex, newest_first, scan_folder
 from .checkpoint_v1 import V1_ID_RE, info_from_v1, load_v1, parse_v1_sidecar
-from .durable_io import atomic_write, clean_stale_temps, fsync_dir, is_temp_name, publish, write_temp
+from .durable_io import TempFile, atomic_write, clean_stale_temps, fsync_dir, is_temp_name, publish
 
 if TYPE_CHECKING:
     from .state import ExtendedStateTensor
@@ -282,53 +282,51 @@ class CheckpointManager:
         return self._commit(key, priority, None, payload, self._next_number(key)).checkpoint_id
 
     def _commit(self, key: SeedKey, priority: str, lifecycle: int | None, payload: EncodedPayload, number: int) -> CheckpointInfo:
+        """Write, sync and publish one checkpoint. Both files are written before either is
+        fsynced (all the CPU work comes before the waits), and both are fsynced before
+        either gets its final name; the folder fsync makes the names durable."""
         folder = self._active_path
         durable = self.durable
-        temps: list[str] = []
-        linked: list[str] = []
+        temps: list[TempFile] = []  # written, not published
+        linked: list[str] = []  # published by this call
         stage = "writing the payload"
         try:
-            payload_temp, _ = write_temp(folder, "payload", payload.chunks, durable=durable)
+            payload_temp = TempFile(folder, "payload")
             temps.append(payload_temp)
+            payload_temp.write(payload.chunks)
             for _ in range(_MAX_ID_ATTEMPTS):
+                stage = "writing the sidecar"
                 ms, seq = _CLOCK.next()
                 checkpoint_id = _make_id(key[0], key[1], key[2], ms, seq)
                 info = CheckpointInfo(
-                    checkpoint_id=checkpoint_id,
-                    kind=key[1],
-                    layer_id=key[0],
-                    seed_id=key[2],
-                    number=number,
-                    created_ms=ms,
-                    seq=seq,
-                    timestamp=ms / 1000,
-                    priority=priority,
-                    lifecycle_state=lifecycle,
-                    payload_file=f"{checkpoint_id}.safetensors",
-                    payload_size=payload.size,
-                    sha256=payload.sha256,
-                    version=2,
-                )
-                stage = "writing the sidecar"
-                sidecar_temp, inode = write_temp(folder, "sidecar", (build_sidecar(info),), durable=durable)
+                    checkpoint_id, key[1], key[0], key[2], number, ms, seq, ms / 1000, priority, lifecycle,
+                    f"{checkpoint_id}.safetensors", payload.size, payload.sha256, 2,
+                )  # fmt: skip
+                sidecar_temp = TempFile(folder, "sidecar")
                 temps.append(sidecar_temp)
+                sidecar_temp.write((build_sidecar(info),))
+                if durable:
+                    stage = "syncing the payload and sidecar"
+                    payload_temp.sync()
+                    sidecar_temp.sync()
+                payload_temp.finish()
+                inode: int = sidecar_temp.finish(inode=True)  # type: ignore[assignment]
                 stage = "publishing the checkpoint"
                 payload_final, sidecar_final = f"{folder}/{checkpoint_id}.safetensors", f"{folder}/{checkpoint_id}.json"
                 try:
-                    publish(payload_temp, payload_final, overwrite=False)
+                    publish(payload_temp.path, payload_final, overwrite=False)
                 except FileExistsError:  # another process took this id: try the next one
-                    _remove_quietly([sidecar_temp])
-                    temps.pop()
+                    temps.pop().discard()
                     continue
-                temps = [sidecar_temp]
+                temps.remove(payload_temp)
                 linked.append(payload_final)
                 try:
-                    publish(sidecar_temp, sidecar_final, overwrite=False)
+                    publish(sidecar_temp.path, sidecar_final, overwrite=False)
                 except FileExistsError:  # a stray sidecar holds this id: take the payload back, try the next one
-                    os.replace(payload_final, payload_temp)
+                    os.replace(payload_final, payload_temp.path)
                     linked.clear()
-                    _remove_quietly([sidecar_temp])
-                    temps = [payload_temp]
+                    temps.pop().discard()
+                    temps.append(payload_temp)
                     continue
                 temps.clear()
                 linked.append(sidecar_final)
@@ -338,11 +336,12 @@ class CheckpointManager:
                 break
             else:
                 raise CheckpointWriteError(f"could not find a free checkpoint id in {folder} after {_MAX_ID_ATTEMPTS} tries")
-        except OSError as exc:
-            _remove_quietly([*reversed(linked), *temps])
-            raise self._write_error(exc, stage, key) from exc
-        except BaseException:
-            _remove_quietly([*reversed(linked), *temps])
+        except BaseException as exc:
+            _remove_quietly(reversed(linked))
+            for temp in temps:
+                temp.discard()
+            if isinstance(exc, OSError):
+                raise self._write_error(exc, stage, key) from exc
             raise
         with self._lock:
             self._active.add(info, inode)

@@ -21,8 +21,10 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,6 +41,7 @@ __all__ = [
     "CheckpointInfo",
     "EncodedPayload",
     "build_sidecar",
+    "compact_json",
     "decode_payload",
     "encode_payload",
     "is_v2_sidecar",
@@ -148,11 +151,19 @@ def lifecycle_state_of(value: Any) -> int | None:
 # ---- payload ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EncodedPayload:
-    """A payload ready to write: ``chunks`` in file order, total ``size`` and ``sha256``."""
+    """A payload ready to write: ``chunks`` in file order, total ``size`` and its sha256.
+
+    The digest of a large payload is computed on a worker thread while the caller writes
+    (and fsyncs) the chunks; reading :attr:`sha256` waits for it. The chunks view the
+    caller's tensors, which must not change until the payload is written."""
 
     chunks: tuple[memoryview | bytes, ...]
     size: int
-    sha256: str
+    _digest: Future[str] | str
+
+    @property
+    def sha256(self) -> str:
+        return self._digest if isinstance(self._digest, str) else self._digest.result()
 
 
 def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:
@@ -160,7 +171,7 @@ def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:
     ``ValueError`` naming the path of a value that cannot be stored."""
     tensors: dict[str, torch.Tensor] = {}
     structure = {name: _encode_value(value, name, tensors) for name, value in sections.items()}
-    header: dict[str, Any] = {"__metadata__": {"format": PAYLOAD_FORMAT, "structure": _COMPACT.encode(structure)}}
+    header: dict[str, Any] = {"__metadata__": {"format": PAYLOAD_FORMAT, "structure": compact_json(structure)}}
     views: list[memoryview] = []
     offset = 0
     ordered = sorted(tensors.items(), key=_tensor_order) if len(tensors) > 1 else tensors.items()
@@ -171,16 +182,59 @@ def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:
         if nbytes:
             views.append(view)
         offset += nbytes
-    header_bytes = _COMPACT.encode(header).encode()
+    header_bytes = compact_json(header).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
-    first = struct.pack("<Q", len(header_bytes)) + header_bytes
-    digest = hashlib.sha256(first)
-    for view in views:
-        digest.update(view)
-    return EncodedPayload((first, *views), len(first) + offset, digest.hexdigest())
+    chunks = (struct.pack("<Q", len(header_bytes)) + header_bytes, *views)
+    size = len(chunks[0]) + offset
+    digest = _hash_pool().submit(_sha256, chunks) if size >= _HASH_IN_BACKGROUND else _sha256(chunks)
+    return EncodedPayload(chunks, size, digest)
 
 
-_COMPACT = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps would build one per call
+_HASH_IN_BACKGROUND = 256 << 10  # from this size hashing overlaps the write: worth a thread hand-off
+_hash_workers: list[ThreadPoolExecutor] = []
+
+
+def _sha256(chunks: tuple[memoryview | bytes, ...]) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)  # releases the GIL for large buffers
+    return digest.hexdigest()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """One worker thread for payload digests, started on first use (again in a forked child)."""
+    if not _hash_workers:
+        _hash_workers.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="kasmina-sha256"))
+    return _hash_workers[0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_hash_workers.clear)  # the parent's worker thread does not exist in a child
+
+
+def _json_encoder(sort_keys: bool) -> Callable[[Any], str]:
+    """A compact JSON encoder equal to ``json.dumps(..., separators=(",", ":"))``, built
+    once (``JSONEncoder.encode`` builds its C encoder on every call)."""
+    encoder = json.JSONEncoder(separators=(",", ":"), sort_keys=sort_keys)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    try:
+        fast = make(None, encoder.default, json.encoder.encode_basestring_ascii, None, ":", ",", sort_keys, False, True)
+    except TypeError:  # another signature in this Python: the plain encoder
+        return encoder.encode
+    return lambda value: "".join(fast(value, 0))
+
+
+_compact_encode = _json_encoder(sort_keys=False)
+_canonical_json = _json_encoder(sort_keys=True)
+
+
+def compact_json(value: Any) -> str:
+    """``json.dumps(value, separators=(",", ":"))``, without building an encoder per call."""
+    return _compact_encode(value)
+
+
 _SCALARS = (str, int, float, type(None))  # bool is an int; floats keep NaN and infinities (Python's JSON)
 
 
@@ -324,15 +378,33 @@ def _parse_safetensors(buffer: torch.Tensor, path: Path) -> tuple[dict[str, torc
 # ---- sidecar ---------------------------------------------------------------------------
 def build_sidecar(info: CheckpointInfo) -> bytes:
     """The sidecar JSON of ``info`` (location is not stored: it is where the file is): its
-    canonical JSON (sorted keys, compact) with ``sidecar_sha256`` of that text appended."""
+    canonical JSON (sorted keys, compact: what :func:`parse_sidecar` checks) with
+    ``sidecar_sha256`` of that text appended."""
     body = info._asdict()
     del body["location"]
     body["format"] = SIDECAR_FORMAT
-    body["created_utc"] = _dt.datetime.fromtimestamp(info.timestamp, _dt.timezone.utc).isoformat(timespec="milliseconds")
+    body["created_utc"] = _utc_text(info.created_ms) if info.created_ms / 1000 == info.timestamp else _utc_iso(info.timestamp)
     body["lifecycle_state_name"] = info.lifecycle_state_name
-    canonical = _CANONICAL.encode(body)
+    canonical = _canonical_json(body)
     digest = hashlib.sha256(canonical.encode()).hexdigest()
     return f'{canonical[:-1]},"sidecar_sha256":"{digest}"}}'.encode()
+
+
+def _utc_iso(timestamp: float) -> str:
+    return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+_utc_second: list[tuple[int, str]] = [(-1, "")]  # the last whole second formatted (one tuple: read atomically)
+
+
+def _utc_text(ms: int) -> str:
+    """``_utc_iso(ms / 1000)``, formatting each whole second once."""
+    second, milli = divmod(ms, 1000)
+    cached = _utc_second[0]
+    if cached[0] != second:
+        cached = (second, _utc_iso(second)[:-10])  # without ".000+00:00"
+        _utc_second[0] = cached
+    return f"{cached[1]}.{milli:03d}+00:00"
 
 
 def load_json(raw: bytes, path: Path) -> dict[str, Any]:
@@ -411,8 +483,5 @@ def _typed(body: dict[str, Any], key: str, kind: type | tuple[type, ...], *, opt
     return value
 
 
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
-
-
 def _canonical_sha(body: Mapping[str, Any]) -> str:
-    return hashlib.sha256(_CANONICAL.encode(body).encode()).hexdigest()
+    return hashlib.sha256(_canonical_json(body).encode()).hexdigest()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint_errors import CheckpointError
-from .checkpoint_format import CheckpointInfo, is_v2_sidecar, load_json, parse_sidecar
+from .checkpoint_format import CheckpointInfo, compact_json, is_v2_sidecar, load_json, parse_sidecar
 from .checkpoint_v1 import parse_v1_sidecar
 from .durable_io import TEMP_PREFIX, atomic_write
 
@@ -25,7 +25,6 @@ _CACHE_AFTER_PARSING = 256  # a refresh that had to read this many sidecars leav
 _INFO_FIELDS = tuple(f for f in CheckpointInfo._fields if f != "location")
 _DECODE_BATCH = 256  # snapshot rows decoded at a time while a filtered listing walks the order
 _MERGE_BY_SEARCH = 64  # up to this many entries besides the snapshot's are inserted by binary search
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 Item = CheckpointInfo | int  # an entry of the newest-first order: an info, or a snapshot row not decoded yet
 
@@ -162,9 +161,9 @@ class _Snapshot:
         ``folder``: the identity of the folder they describe completely, if known."""
         body = "\n".join(
             [
-                _COMPACT.encode([name for name, _, _, _ in items]),
-                _COMPACT.encode([inode for _, inode, _, _ in items]),
-                _COMPACT.encode([key for _, _, key, _ in items]),
+                compact_json([name for name, _, _, _ in items]),
+                compact_json([inode for _, inode, _, _ in items]),
+                compact_json([key for _, _, key, _ in items]),
                 *(row for _, _, _, row in items),
             ]
         ).encode()
@@ -175,7 +174,7 @@ class _Snapshot:
             "crc32": zlib.crc32(body),
             "folder": None if folder is None else list(folder),
         }
-        atomic_write(path, [_COMPACT.encode(header).encode(), b"\n", body], durable=False)
+        atomic_write(path, [compact_json(header).encode(), b"\n", body], durable=False)
 
     def keys(self) -> list[str]:
         if self._keys is None:
@@ -208,7 +207,7 @@ class _Snapshot:
 
     @staticmethod
     def row_of(info: CheckpointInfo) -> str:
-        return _COMPACT.encode(info[:-1])
+        return compact_json(info[:-1])
 
 
 class SidecarIndex:

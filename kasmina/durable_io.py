@@ -17,11 +17,12 @@ import errno
 import itertools
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 __all__ = [
     "TEMP_PREFIX",
+    "TempFile",
     "atomic_write",
     "clean_stale_temps",
     "fsync_dir",
@@ -46,40 +47,84 @@ def is_temp_name(name: str) -> bool:
     return _TEMP_RE.match(name) is not None
 
 
-def write_temp(folder: str | os.PathLike[str], label: str, chunks: Iterable[Buffer], *, durable: bool = True) -> tuple[str, int]:
-    """Write ``chunks`` to a new temp file in ``folder`` (fsynced when ``durable``).
+class TempFile:
+    """A new temp file in ``folder``, open for writing: ``write``, then ``sync`` (fsync)
+    and ``finish`` (close), then publish ``path``; ``discard`` removes it on failure.
+    Several can be written first and synced afterwards, one fsync right after another."""
 
-    Returns ``(temp path, inode)``. On any error the temp file is removed and the error
-    re-raised (an ``OSError`` such as ENOSPC keeps its errno)."""
-    temp = f"{os.fspath(folder)}/{TEMP_PREFIX}{os.getpid()}-{next(_counter)}-{label}.tmp"
-    fd = os.open(temp, _CREATE_FLAGS, 0o644)
-    try:
+    def __init__(self, folder: str | os.PathLike[str], label: str) -> None:
+        self.path = f"{os.fspath(folder)}/{TEMP_PREFIX}{os.getpid()}-{next(_counter)}-{label}.tmp"
+        self._fd: int | None = os.open(self.path, _CREATE_FLAGS, 0o644)
+        self._synced = False
+
+    def write(self, chunks: Sequence[Buffer]) -> None:
+        """Write ``chunks`` (bytes-like objects of byte format) in order."""
+        _write_all(self._fd, chunks)  # type: ignore[arg-type]
+
+    def sync(self) -> None:
+        """fsync the file (once: later calls do nothing)."""
+        if not self._synced:
+            os.fsync(self._fd)  # type: ignore[arg-type]
+            self._synced = True
+
+    def finish(self, inode: bool = False) -> int | None:
+        """Close the file; return its inode if asked. Closing twice is harmless."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return None
         try:
-            _write_all(fd, chunks)
-            if durable:
-                os.fsync(fd)
-            inode = os.fstat(fd).st_ino
+            return os.fstat(fd).st_ino if inode else None
         finally:
             os.close(fd)
+
+    def discard(self) -> None:
+        """Close and remove the file (quietly: the caller is already handling a failure)."""
+        try:
+            self.finish()
+        except OSError:
+            pass
+        _unlink_quietly(self.path)
+
+
+def write_temp(
+    folder: str | os.PathLike[str], label: str, chunks: Sequence[Buffer], *, durable: bool = True, inode: bool = False
+) -> tuple[str, int | None]:
+    """Write ``chunks`` (bytes-like objects of byte format) to a new temp file in
+    ``folder``, fsynced when ``durable``.
+
+    Returns ``(temp path, its inode if inode=True else None)``. On any error the temp file
+    is removed and the error re-raised (an ``OSError`` such as ENOSPC keeps its errno)."""
+    temp = TempFile(folder, label)
+    try:
+        temp.write(chunks)
+        if durable:
+            temp.sync()
+        number = temp.finish(inode)
     except BaseException:
-        _unlink_quietly(temp)
+        temp.discard()
         raise
-    return temp, inode
+    return temp.path, number
 
 
-def _write_all(fd: int, chunks: Iterable[Buffer]) -> None:
-    """Write every byte of ``chunks`` with as few ``writev`` calls as the kernel allows."""
+def _write_all(fd: int, chunks: Sequence[Buffer]) -> None:
+    """Write every byte of ``chunks``: one ``writev`` unless the kernel writes less."""
+    total = sum(memoryview(chunk).nbytes for chunk in chunks)
+    done = os.writev(fd, chunks) if len(chunks) <= _IOV_MAX else 0
+    if done == total:
+        return
     views = [view for view in (memoryview(chunk).cast("B") for chunk in chunks) if view.nbytes]
     first = 0
-    while first < len(views):
-        written = os.writev(fd, views[first : first + _IOV_MAX])
-        if written <= 0:
-            raise OSError(errno.EIO, f"writing to fd {fd} made no progress")
-        while first < len(views) and written >= views[first].nbytes:
-            written -= views[first].nbytes
+    while True:  # skip what is written, write the rest
+        while first < len(views) and done >= views[first].nbytes:
+            done -= views[first].nbytes
             first += 1
-        if written:
-            views[first] = views[first][written:]
+        if first == len(views):
+            return
+        if done:
+            views[first] = views[first][done:]
+        done = os.writev(fd, views[first : first + _IOV_MAX])
+        if done <= 0:
+            raise OSError(errno.EIO, f"writing to fd {fd} made no progress")
 
 
 def publish(temp: str | os.PathLike[str], final: str | os.PathLike[str], *, overwrite: bool) -> None:
@@ -117,7 +162,7 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
 def atomic_write(path: Path, data: Buffer | Iterable[Buffer], *, durable: bool = True, overwrite: bool = True) -> None:
     """Write ``data`` (bytes or an iterable of buffers) to ``path`` atomically, and
     durably unless ``durable=False``. See :func:`publish` for ``overwrite``."""
-    chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+    chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
     temp, _ = write_temp(path.parent, path.name, chunks, durable=durable)
     try:
         publish(temp, path, overwrite=overwrite)
