@@ -70,6 +70,46 @@ def _bare_write(folder: Path, data: bytes, durable: bool) -> None:
             os.close(dfd)
 
 
+class _FloorWrite:
+    """The physical floor of a durable save, in raw os calls and no other work: the
+    payload and the sidecar written to temp files, both fsynced, linked into place
+    (temps unlinked), the folder fsynced (3 sync points), then, as retention does once a
+    seed has ``keep`` checkpoints, the oldest pair renamed into ``archive/``."""
+
+    def __init__(self, folder: Path, payload: bytes, sidecar: bytes, keep: int = 5) -> None:
+        self.active, self.archive = str(folder / "active"), str(folder / "archive")
+        os.makedirs(self.active)
+        os.makedirs(self.archive)
+        self.payload, self.sidecar, self.keep = payload, sidecar, keep
+        self.count = 0
+
+    def __call__(self, durable: bool = True) -> None:
+        n = self.count = self.count + 1
+        active = self.active
+        temps = []
+        for label, data in (("payload", self.payload), ("sidecar", self.sidecar)):
+            temp = f"{active}/.tmp-{n}-{label}"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, data)
+            temps.append((temp, fd))
+        for _, fd in temps:
+            if durable:
+                os.fsync(fd)
+            os.close(fd)
+        for (temp, _), ext in zip(temps, ("safetensors", "json"), strict=True):
+            os.link(temp, f"{active}/{n}.{ext}")
+            os.unlink(temp)
+        if durable:
+            dfd = os.open(active, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        if n > self.keep:
+            for ext in ("json", "safetensors"):
+                os.replace(f"{active}/{n - self.keep}.{ext}", f"{self.archive}/{n - self.keep}.{ext}")
+
+
 def _bare_read(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -107,15 +147,27 @@ def bench_payloads(report: Report, root: Path, repeats: int) -> None:
         checkpoint_id = durable.save_checkpoint("bench", 0, data)
         size = durable.verify(checkpoint_id).payload_size
         payload_bytes = (durable.active_dir / f"{checkpoint_id}.safetensors").read_bytes()
+        sidecar_bytes = (durable.active_dir / f"{checkpoint_id}.json").read_bytes()
         (folder / "bare").mkdir()
         (folder / "bare" / "bare.bin").write_bytes(payload_bytes)
+        floor = _FloorWrite(folder / "floor", payload_bytes, sidecar_bytes)
         torch_path = folder / "torch.pt"
 
+        # Durable and non-durable writers in separate rotations: an fsync commits whatever
+        # the non-durable ones left pending on the file system (ext4 data=ordered even
+        # writes their data first), so mixing them would bill one durable variant for it.
         saves = interleaved(
             {
                 "durable": lambda: durable.save_checkpoint("bench", 0, data),  # noqa: B023
-                "fast": lambda: fast.save_checkpoint("bench", 0, data),  # noqa: B023
                 "bare durable": lambda: _bare_write(folder / "bare", payload_bytes, True),  # noqa: B023
+                "floor": floor,
+            },
+            repeats,
+            warmup=5,
+        )
+        saves |= interleaved(
+            {
+                "fast": lambda: fast.save_checkpoint("bench", 0, data),  # noqa: B023
                 "bare fast": lambda: _bare_write(folder / "bare", payload_bytes, False),  # noqa: B023
                 "torch": lambda: torch.save(data, torch_path),  # noqa: B023
             },
@@ -131,7 +183,9 @@ def bench_payloads(report: Report, root: Path, repeats: int) -> None:
             repeats,
             warmup=5,
         )
-        save_d, save_f, bare_d, bare_f, torch_save = (saves[k] for k in ("durable", "fast", "bare durable", "bare fast", "torch"))
+        save_d, save_f, bare_d, bare_f, floor_d, torch_save = (
+            saves[k] for k in ("durable", "fast", "bare durable", "bare fast", "floor", "torch")
+        )
         restore, bare_r, torch_load = loads["restore"], loads["bare"], loads["torch"]
 
         _add_vs_refs(
@@ -140,7 +194,12 @@ def bench_payloads(report: Report, root: Path, repeats: int) -> None:
             save_d,
             bare_d,
             torch_save,
-            target=f"<= 1.5x bare: {_verdict(_ratio(save_d, bare_d) <= 1.5)}; < 10 ms: {_verdict(save_d.median < 10e-3)}"
+            floor=floor_d,
+            floor_vs_bare=_ratio(floor_d, bare_d),
+            vs_floor=_ratio(save_d, floor_d),
+            target=f"<= 1.5x bare: {_verdict(_ratio(save_d, bare_d) <= 1.5)}"
+            + ("" if _ratio(floor_d, bare_d) <= 1.5 else " (the floor alone is above 1.5x)")
+            + f"; < 10 ms: {_verdict(save_d.median < 10e-3)}"
             + ("" if bare_d.median < 10e-3 else " (the bare write alone takes longer)"),
         )
         _add_vs_refs(
@@ -190,11 +249,17 @@ def bench_layer(report: Report, root: Path, num_seeds: int, repeats: int) -> Non
     (folder / "bare" / "bare.bin").write_bytes(payload_bytes)
     torch_path = folder / "torch.pt"
     target = ExtendedStateTensor(num_seeds)
-    saves = interleaved(
+    saves = interleaved(  # durable and non-durable writers apart, as in bench_payloads
         {
             "save durable": lambda: durable.save_layer_state("bench", state),
-            "save durable=False": lambda: fast.save_layer_state("bench", state),
             "bare": lambda: _bare_write(folder / "bare", payload_bytes, True),
+        },
+        repeats,
+        warmup=1,
+    )
+    saves |= interleaved(
+        {
+            "save durable=False": lambda: fast.save_layer_state("bench", state),
             "bare fast": lambda: _bare_write(folder / "bare", payload_bytes, False),
             "torch": lambda: torch.save(state.state_dict(), torch_path),
         },
@@ -232,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         "torch.load(weights_only=True) of the same dict"
     )
     report.note(
-        "a durable save is 3 sync points (payload fsync, sidecar fsync, folder fsync) against the bare write's 2, "
-        "so ~1.5x is its floor when fsync latency dominates; saves of one seed include retention (archiving) "
-        "once 5 exist"
+        "a durable save is 3 sync points (payload fsync, sidecar fsync, folder fsync: POSIX needs them for two new "
+        "files) against the bare write's 2, and saves of one seed include retention (2 renames into archive/) once 5 "
+        "exist; floor = exactly those file-system calls done with raw os calls and nothing else (measured in the same "
+        "rotation): floor_vs_bare is what this disk allows, vs_floor is the manager's own cost (encoding, sha256, "
+        "sidecar, index)"
     )
     report.note("shared, noisy machine (other agents running): absolute times vary run to run")
     repeats = args.repeats * 3

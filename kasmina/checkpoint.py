@@ -94,6 +94,7 @@ _PAYLOAD_EXTS = (".safetensors", ".pt")
 _RETAINED = ("low", "normal")  # priorities subject to retention
 _INT32_MAX = 2**31 - 1
 _MAX_ID_ATTEMPTS = 1000
+_HASH_WHILE_SYNCING = 256 << 10  # payloads from this size are hashed on a worker thread during their fsync
 _CHECKPOINT_COLUMN = int(StateColumn.CHECKPOINT_ID)
 _LIFECYCLE_COLUMN = int(StateColumn.LIFECYCLE_STATE)
 _SEED_ROW_PARTS = {"state": "row", "history": "history", "history_count": "history_count", "metrics": "metrics"}
@@ -294,6 +295,10 @@ class CheckpointManager:
             payload_temp = TempFile(folder, "payload")
             temps.append(payload_temp)
             payload_temp.write(payload.chunks)
+            if durable and payload.size >= _HASH_WHILE_SYNCING:
+                payload.hash_in_background()
+                stage = "syncing the payload"
+                payload_temp.sync()  # the digest is computed meanwhile
             for _ in range(_MAX_ID_ATTEMPTS):
                 stage = "writing the sidecar"
                 ms, seq = _CLOCK.next()
@@ -305,6 +310,7 @@ class CheckpointManager:
                 sidecar_temp = TempFile(folder, "sidecar")
                 temps.append(sidecar_temp)
                 sidecar_temp.write((build_sidecar(info),))
+                victims = self._retention_victims(key, info) if priority in _RETAINED else []
                 if durable:
                     stage = "syncing the payload and sidecar"
                     payload_temp.sync()
@@ -346,8 +352,7 @@ class CheckpointManager:
         with self._lock:
             self._active.add(info, inode)
             self._active.invalidate()
-        if priority in _RETAINED:
-            self._apply_retention(key)
+        self._archive_all(victims)
         return info
 
     def _next_number(self, key: SeedKey) -> int:
@@ -373,12 +378,17 @@ class CheckpointManager:
         )
 
     # -- retention, deletion ---------------------------------------------------------------
-    def _apply_retention(self, key: SeedKey) -> None:
+    def _retention_victims(self, key: SeedKey, new: CheckpointInfo) -> list[CheckpointInfo]:
+        """The ``low``/``normal`` checkpoints of ``key`` that fall out of the newest
+        ``max_checkpoints_per_seed`` once ``new`` is saved (worked out before the save's
+        fsyncs; moved only after it is durable)."""
         with self._lock:
             candidates = [i for i in self._active.for_key(key) if i.priority in _RETAINED and i.version == 2]
-            if len(candidates) <= self.max_checkpoints_per_seed:
-                return
-            victims = newest_first(candidates)[self.max_checkpoints_per_seed :]
+        if len(candidates) < self.max_checkpoints_per_seed:
+            return []
+        return newest_first([*candidates, new])[self.max_checkpoints_per_seed :]
+
+    def _archive_all(self, victims: list[CheckpointInfo]) -> None:
         for info in victims:
             try:
                 self._move(info.checkpoint_id, info.payload_file, self._active_path, self._archive_path)

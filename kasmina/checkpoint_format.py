@@ -25,7 +25,6 @@ import os
 import struct
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -149,21 +148,32 @@ def lifecycle_state_of(value: Any) -> int | None:
 
 
 # ---- payload ---------------------------------------------------------------------------
-@dataclass(frozen=True)
 class EncodedPayload:
-    """A payload ready to write: ``chunks`` in file order, total ``size`` and its sha256.
+    """A payload ready to write: ``chunks`` in file order, total ``size`` and its sha256
+    (computed when first read, or on a worker thread after :meth:`hash_in_background`).
+    The chunks view the caller's tensors, which must not change until it is written."""
 
-    The digest of a large payload is computed on a worker thread while the caller writes
-    (and fsyncs) the chunks; reading :attr:`sha256` waits for it. The chunks view the
-    caller's tensors, which must not change until the payload is written."""
+    __slots__ = ("_digest", "chunks", "size")
 
-    chunks: tuple[memoryview | bytes, ...]
-    size: int
-    _digest: Future[str] | str
+    def __init__(self, chunks: tuple[memoryview | bytes, ...], size: int) -> None:
+        self.chunks = chunks
+        self.size = size
+        self._digest: Future[str] | str | None = None
+
+    def hash_in_background(self) -> None:
+        """Start computing the digest on a worker thread: for a large payload, while the
+        caller waits for its fsync."""
+        if self._digest is None:
+            self._digest = _hash_pool().submit(_sha256, self.chunks)
 
     @property
     def sha256(self) -> str:
-        return self._digest if isinstance(self._digest, str) else self._digest.result()
+        digest = self._digest
+        if digest is None:
+            digest = self._digest = _sha256(self.chunks)
+        elif not isinstance(digest, str):
+            digest = self._digest = digest.result()
+        return digest
 
 
 def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:
@@ -185,12 +195,9 @@ def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:
     header_bytes = compact_json(header).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
     chunks = (struct.pack("<Q", len(header_bytes)) + header_bytes, *views)
-    size = len(chunks[0]) + offset
-    digest = _hash_pool().submit(_sha256, chunks) if size >= _HASH_IN_BACKGROUND else _sha256(chunks)
-    return EncodedPayload(chunks, size, digest)
+    return EncodedPayload(chunks, len(chunks[0]) + offset)
 
 
-_HASH_IN_BACKGROUND = 256 << 10  # from this size hashing overlaps the write: worth a thread hand-off
 _hash_workers: list[ThreadPoolExecutor] = []
 
 
