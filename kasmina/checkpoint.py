@@ -215,8 +215,8 @@ class CheckpointManager:
         archived = self._archive.open() or scan_folder(self.archive_dir)  # (archive/ has no snapshot: always listed)
         self.cleaned_temp_files = [
             *clean_stale_temps(self.checkpoint_dir),
-            *(clean_stale_temps(self.active_dir, active.names) if active is not None else ()),
-            *clean_stale_temps(self.archive_dir, archived.names),
+            *(clean_stale_temps(self.active_dir, active.temp_names()) if active is not None else ()),
+            *clean_stale_temps(self.archive_dir, archived.temp_names()),
         ]
         if active is not None:
             self._finish_interrupted_moves(active.names, archived.names)
@@ -304,9 +304,21 @@ class CheckpointManager:
                 ms, seq = _CLOCK.next()
                 checkpoint_id = _make_id(key[0], key[1], key[2], ms, seq)
                 info = CheckpointInfo(
-                    checkpoint_id, key[1], key[0], key[2], number, ms, seq, ms / 1000, priority, lifecycle,
-                    f"{checkpoint_id}.safetensors", payload.size, payload.sha256, 2,
-                )  # fmt: skip
+                    checkpoint_id=checkpoint_id,
+                    kind=key[1],
+                    layer_id=key[0],
+                    seed_id=key[2],
+                    number=number,
+                    created_ms=ms,
+                    seq=seq,
+                    timestamp=ms / 1000,
+                    priority=priority,
+                    lifecycle_state=lifecycle,
+                    payload_file=f"{checkpoint_id}.safetensors",
+                    payload_size=payload.size,
+                    sha256=payload.sha256,
+                    version=2,
+                )
                 sidecar_temp = TempFile(folder, "sidecar")
                 temps.append(sidecar_temp)
                 sidecar_temp.write((build_sidecar(info),))

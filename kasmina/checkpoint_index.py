@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .checkpoint_errors import CheckpointError
@@ -22,10 +24,11 @@ SeedKey = tuple[str, str, int | None]  # (layer_id, kind, seed_id)
 _SETTLE_NS = 100_000_000  # a folder unchanged this long before a scan cannot hide a later change
 _CACHE_FORMAT = "kasmina-checkpoint-index-cache/2"
 _CACHE_AFTER_PARSING = 256  # a refresh that had to read this many sidecars leaves a snapshot
-_INFO_FIELDS = tuple(f for f in CheckpointInfo._fields if f != "location")
 _DECODE_BATCH = 256  # snapshot rows decoded at a time while a filtered listing walks the order
 _MERGE_BY_SEARCH = 64  # up to this many entries besides the snapshot's are inserted by binary search
 
+_TEMP_NAMES = re.compile(f"(?<=/)({re.escape(TEMP_PREFIX)}[^/]*)(?=/)")
+Identity = tuple[int, int, int, int]  # a folder's (device, inode, mtime_ns, ctime_ns)
 Item = CheckpointInfo | int  # an entry of the newest-first order: an info, or a snapshot row not decoded yet
 
 
@@ -35,14 +38,10 @@ class FolderScan:
     ``identity`` is the folder's (device, inode, mtime, ctime) read just before the
     listing started at ``started_ns``."""
 
-    identity: tuple[int, int, int, int]
+    identity: Identity
     started_ns: int
     names: list[str]
     sidecars: dict[str, int]
-
-    @property
-    def mtime_ns(self) -> int:
-        return self.identity[2]
 
     @property
     def settled(self) -> bool:
@@ -50,21 +49,28 @@ class FolderScan:
         as they were (timestamps are coarse: a change right after another may keep them)."""
         return self.started_ns - max(self.identity[2], self.identity[3]) > _SETTLE_NS
 
+    @cached_property
+    def _joined(self) -> str:
+        return f"/{'/'.join(self.names)}/"  # '/' is the one character no file name holds
+
+    def temp_names(self) -> list[str]:
+        """The names that look like temp files of :mod:`kasmina.durable_io`."""
+        return _TEMP_NAMES.findall(self._joined) if f"/{TEMP_PREFIX}" in self._joined else []
+
     def is_tidy(self) -> bool:
         """No temp files, and every sidecar has its payload and every payload its sidecar."""
+        if self.temp_names():
+            return False
+        text = self._joined
         names = set(self.names)
-        for name in self.names:
-            stem, _, ext = name.rpartition(".")
-            if name.startswith(TEMP_PREFIX):
+        for name in self.sidecars:
+            stem = name[:-5]
+            if f"{stem}.safetensors" not in names and f"{stem}.pt" not in names:
                 return False
-            if ext == "json" and f"{stem}.safetensors" not in names and f"{stem}.pt" not in names:
-                return False
-            if ext in ("safetensors", "pt") and f"{stem}.json" not in names:
-                return False
-        return True
+        return text.count(".safetensors/") + text.count(".pt/") == len(self.sidecars)
 
 
-def folder_identity(folder: str | os.PathLike[str]) -> tuple[int, int, int, int]:
+def folder_identity(folder: str | os.PathLike[str]) -> Identity:
     """(device, inode, mtime, ctime) of a folder: any entry added, removed or renamed in
     it changes the times (and a folder swapped for another changes the inode)."""
     st = os.stat(folder)
@@ -108,17 +114,26 @@ class _Snapshot:
 
     File layout (UTF-8 text): a JSON header line ``{format, fields, count, crc32,
     folder}``, then the JSON array of sidecar names, the JSON array of their inodes, the
-    JSON array of their seed keys, then one JSON array of field values per row. ``crc32``
+    JSON array of their seed keys, then one JSON array of field values per row (its
+    location is ignored: it is the index's own). ``crc32``
     covers everything after the header line. ``folder`` is the folder's identity when the
     rows were taken from a settled scan of a tidy folder (see :meth:`FolderScan.is_tidy`),
     else null: while the folder still has that identity, the rows are exactly its
     sidecars and the folder needs no listing."""
 
-    __slots__ = ("_key_line", "_keys", "decoded", "folder", "inodes", "location", "names", "rows")
+    __slots__ = ("_key_line", "_keys", "body", "decoded", "folder", "inodes", "location", "names", "rows")
 
     def __init__(
-        self, names: list[str], inodes: list[int], key_line: str, rows: list[str], location: str, folder: list[int] | None
+        self,
+        names: list[str],
+        inodes: list[int],
+        key_line: str,
+        rows: list[str],
+        location: str,
+        folder: list[int] | None,
+        body: bytes,
     ) -> None:
+        self.body = body  # the file after its header line, as read
         self.folder = folder
         self.names = names
         self.inodes = inodes
@@ -139,7 +154,7 @@ class _Snapshot:
             body = data[end + 1 :]
             if (
                 header.get("format") != _CACHE_FORMAT
-                or header.get("fields") != list(_INFO_FIELDS)
+                or header.get("fields") != list(CheckpointInfo._fields)
                 or header.get("crc32") != zlib.crc32(body)
             ):
                 return None
@@ -151,26 +166,27 @@ class _Snapshot:
             folder = header.get("folder")
             if folder is not None and (type(folder) is not list or len(folder) != 4):
                 return None
-            return cls(names, inodes, lines[2], lines[3:], location, folder)
+            return cls(names, inodes, lines[2], lines[3:], location, folder, body)
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
 
     @staticmethod
-    def write(path: Path, items: list[tuple[str, int, str, str]], folder: tuple[int, int, int, int] | None) -> None:
-        """Write ``(sidecar name, inode, key text, row)`` items (newest first) atomically;
-        ``folder``: the identity of the folder they describe completely, if known."""
-        body = "\n".join(
-            [
-                compact_json([name for name, _, _, _ in items]),
-                compact_json([inode for _, inode, _, _ in items]),
-                compact_json([key for _, _, key, _ in items]),
-                *(row for _, _, _, row in items),
-            ]
-        ).encode()
+    def write(path: Path, names: list[str], inodes: list[int], keys: list[str], rows: list[str], folder: Identity | None) -> None:
+        """Write the columns of a snapshot (rows newest first) atomically; ``folder``: the
+        identity of the folder they describe completely, if known."""
+        body = "\n".join([compact_json(names), compact_json(inodes), compact_json(keys), *rows]).encode()
+        _Snapshot._write_body(path, body, len(names), folder)
+
+    def certify(self, path: Path, folder: Identity) -> None:
+        """Rewrite this snapshot unchanged but for ``folder``: it describes that folder completely."""
+        _Snapshot._write_body(path, self.body, len(self.names), folder)
+
+    @staticmethod
+    def _write_body(path: Path, body: bytes, count: int, folder: Identity | None) -> None:
         header = {
             "format": _CACHE_FORMAT,
-            "fields": list(_INFO_FIELDS),
-            "count": len(items),
+            "fields": list(CheckpointInfo._fields),
+            "count": count,
             "crc32": zlib.crc32(body),
             "folder": None if folder is None else list(folder),
         }
@@ -191,12 +207,12 @@ class _Snapshot:
         info = self.decoded.get(row)
         if info is None:
             try:
-                values = json.loads(self.rows[row])
-                info = CheckpointInfo(*values, self.location)
-            except (ValueError, TypeError):
+                values = json.loads(self.rows[row])  # every field; the location is this index's
+                info = CheckpointInfo(*values[:-1], self.location)
+            except (ValueError, TypeError, KeyError):
                 raise _BrokenSnapshot from None
             if (
-                len(values) != len(_INFO_FIELDS)
+                len(values) != len(CheckpointInfo._fields)
                 or f"{info.checkpoint_id}.json" != self.names[row]
                 or type(info.created_ms) is not int
                 or type(info.seq) is not int
@@ -205,14 +221,10 @@ class _Snapshot:
             self.decoded[row] = info
         return info
 
-    @staticmethod
-    def row_of(info: CheckpointInfo) -> str:
-        return compact_json(info[:-1])
-
 
 class SidecarIndex:
     """Cached sidecars of one folder. ``refresh`` costs one ``stat`` while the folder is
-    unchanged; otherwise it lists the folder and parses only new or replaced sidecars
+    unchanged (same device, inode, mtime and ctime); otherwise it lists the folder and parses only new or replaced sidecars
     (compared by name and inode: the manager always replaces a file by renaming a new one
     over it). A cold start reuses the snapshot ``cache_file`` a previous refresh left for
     every sidecar whose name and inode still match; those entries are decoded only when
@@ -232,7 +244,7 @@ class SidecarIndex:
         self._inodes: dict[str, int] = {}  # sidecar name -> inode of every indexed checkpoint
         self._by_key: dict[str, set[str]] | None = None  # key text -> checkpoint ids, built when first needed
         self.unreadable: dict[str, tuple[int, str]] = {}
-        self._mtime_ns: int | None = None
+        self._identity: Identity | None = None  # the folder's, when the index last matched it
         self._settled = False
         self._scan: FolderScan | None = None  # a listing the next refresh may use instead of its own
         self._pending: _Snapshot | None = None  # read by open(), adopted by the first refresh
@@ -251,7 +263,7 @@ class SidecarIndex:
             snapshot = _Snapshot.read(self.cache_file, self.location)  # type: ignore[arg-type]
             if snapshot is not None and snapshot.folder == list(identity):
                 self._adopt_snapshot(snapshot, None)
-                self._mtime_ns, self._settled = identity[2], True
+                self._identity, self._settled = identity, True
                 return None
             self._pending = snapshot
         self._scan = scan_folder(self.folder)
@@ -259,7 +271,7 @@ class SidecarIndex:
 
     def refresh(self) -> None:
         identity = folder_identity(self.folder)
-        if self._settled and identity[2] == self._mtime_ns:
+        if self._settled and identity == self._identity:
             return
         if self._cache_unused:  # refreshed without open()
             self._cache_unused = False
@@ -290,14 +302,16 @@ class SidecarIndex:
                     self.unreadable[name] = (inode, str(exc))
                 except FileNotFoundError:
                     continue
-        self._mtime_ns = scan.mtime_ns
+        self._identity = scan.identity
         self._settled = scan.settled
         if self.cache_file is None:
             return
         if parsed >= _CACHE_AFTER_PARSING or (snapshot is not None and snapshot.folder != list(scan.identity)):
             # a snapshot that can vouch for the whole folder lets the next cold start skip listing it
             complete = scan.settled and not self.unreadable and scan.is_tidy()
-            if complete or parsed >= _CACHE_AFTER_PARSING:
+            if complete and snapshot is not None and not self._entries and len(self._live) == len(snapshot.names):
+                self._certify(snapshot, scan.identity)  # the index is the snapshot: only its header changes
+            elif complete or parsed >= _CACHE_AFTER_PARSING:
                 self._save_cache(scan.identity if complete else None)
 
     def invalidate(self) -> None:
@@ -341,25 +355,37 @@ class SidecarIndex:
         self._by_key = None
         self._settled = False
 
-    def _save_cache(self, folder: tuple[int, int, int, int] | None) -> None:
+    def _certify(self, snapshot: _Snapshot, folder: Identity) -> None:
         try:
-            items = [self._snapshot_item(item) for item in self._ordered()]
+            snapshot.certify(self.cache_file, folder)  # type: ignore[arg-type]
+        except OSError as exc:  # only a cache: listing works without it
+            warnings.warn(f"could not write the checkpoint index cache {self.cache_file}: {exc}", RuntimeWarning, stacklevel=3)
+
+    def _save_cache(self, folder: Identity | None) -> None:
+        try:
+            order = self._ordered()
+            snapshot = self._snapshot
+            keys = snapshot.keys() if snapshot is not None and self._live else []
         except _BrokenSnapshot:
             return
+        names: list[str] = []
+        key_texts: list[str] = []
+        rows: list[str] = []
+        for item in order:  # column by column: no object per row (many would keep the cyclic GC busy)
+            if type(item) is int:
+                names.append(snapshot.names[item])  # type: ignore[union-attr]
+                key_texts.append(keys[item])
+                rows.append(snapshot.rows[item])  # type: ignore[union-attr]
+            else:
+                info: CheckpointInfo = item  # type: ignore[assignment]
+                names.append(f"{info.checkpoint_id}.json")
+                key_texts.append(_key_text(info.layer_id, info.kind, info.seed_id))
+                rows.append(compact_json(info))
+        inodes = [self._inodes[name] for name in names]
         try:
-            _Snapshot.write(self.cache_file, items, folder)  # type: ignore[arg-type]
+            _Snapshot.write(self.cache_file, names, inodes, key_texts, rows, folder)  # type: ignore[arg-type]
         except OSError as exc:  # only a cache: listing works without it
             warnings.warn(f"could not write the checkpoint index cache {self.cache_file}: {exc}", RuntimeWarning, stacklevel=2)
-
-    def _snapshot_item(self, item: Item) -> tuple[str, int, str, str]:
-        """(sidecar name, inode, key text, row) of an entry, as a snapshot stores it."""
-        if type(item) is int:
-            snapshot: _Snapshot = self._snapshot  # type: ignore[assignment]
-            name = snapshot.names[item]
-            return name, self._inodes[name], snapshot.keys()[item], snapshot.rows[item]
-        info: CheckpointInfo = item  # type: ignore[assignment]
-        name = f"{info.checkpoint_id}.json"
-        return name, self._inodes[name], _key_text(info.layer_id, info.kind, info.seed_id), _Snapshot.row_of(info)
 
     def _guarded(self, read: Callable[[], object]) -> object:
         """``read()``; if the snapshot turns out damaged, rebuild from the sidecars and retry."""
