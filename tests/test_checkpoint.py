@@ -567,3 +567,16 @@ def test_atomic_write_replaces_or_refuses_and_leaves_no_temp(tmp_path: Path, mon
     atomic_write(tmp_path / "fast.bin", b"x", durable=False)
     assert len(synced) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["durable.bin", "fast.bin", "file.bin"]
+
+
+def test_short_writes_are_completed(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.writev
+
+    def short_writev(fd: int, buffers: list) -> int:  # the kernel may write less than asked
+        return real(fd, [bytes(memoryview(buffers[0]).cast("B")[:5])])
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    checkpoint_id = manager.save_checkpoint("L", 0, _state(3), {"w": torch.arange(100.0)})
+    monkeypatch.undo()
+    out = manager.restore_checkpoint(checkpoint_id)
+    assert out["state_data"]["epoch"] == 3 and torch.equal(out["blueprint_state"]["w"], torch.arange(100.0))

@@ -204,3 +204,22 @@ def test_an_index_started_from_a_snapshot_follows_saves_retention_and_deletes(tm
     manager.delete_checkpoint(listed[5].checkpoint_id, archive=False)
     assert manager.list_checkpoints(limit=None) == _truth(tmp_path)
     assert manager.list_checkpoints(limit=None, lifecycle_state=2)[:3] == _truth(tmp_path)[:3]
+
+
+def test_a_snapshot_is_recertified_after_a_change_that_left_the_sidecars_alone(
+    tmp_path: Path, reads: list[str], listed_folders: list[str]
+) -> None:
+    _certified(tmp_path)
+    active = tmp_path / "active"
+    body = (tmp_path / ".index-cache-active.json").read_bytes().split(b"\n", 1)[1]
+    (active / "notes.txt").write_text("x")  # the folder changes, its checkpoints do not
+    (active / "notes.txt").unlink()
+    reads.clear()
+    CheckpointManager(tmp_path).list_checkpoints()  # lists the folder, matches every row, re-certifies
+    assert reads == []
+    assert _snapshot_header(tmp_path)["folder"] == list(ckpt_index.folder_identity(active))
+    assert (tmp_path / ".index-cache-active.json").read_bytes().split(b"\n", 1)[1] == body
+    truth = _truth(tmp_path)
+    listed_folders.clear()
+    assert CheckpointManager(tmp_path).list_checkpoints(limit=None) == truth
+    assert str(active) not in listed_folders
