@@ -94,7 +94,6 @@ _PAYLOAD_EXTS = (".safetensors", ".pt")
 _RETAINED = ("low", "normal")  # priorities subject to retention
 _INT32_MAX = 2**31 - 1
 _MAX_ID_ATTEMPTS = 1000
-_HASH_WHILE_SYNCING = 256 << 10  # payloads from this size are hashed on a worker thread during their fsync
 _CHECKPOINT_COLUMN = int(StateColumn.CHECKPOINT_ID)
 _LIFECYCLE_COLUMN = int(StateColumn.LIFECYCLE_STATE)
 _SEED_ROW_PARTS = {"state": "row", "history": "history", "history_count": "history_count", "metrics": "metrics"}
@@ -283,9 +282,10 @@ class CheckpointManager:
         return self._commit(key, priority, None, payload, self._next_number(key)).checkpoint_id
 
     def _commit(self, key: SeedKey, priority: str, lifecycle: int | None, payload: EncodedPayload, number: int) -> CheckpointInfo:
-        """Write, sync and publish one checkpoint. Both files are written before either is
-        fsynced (all the CPU work comes before the waits), and both are fsynced before
-        either gets its final name; the folder fsync makes the names durable."""
+        """Write, sync and publish one checkpoint. Both files are written (and their
+        write-back started) before either is fsynced, so the CPU work overlaps the disk's
+        and the second fsync finds little left to do; both are fsynced before either gets
+        its final name, and the folder fsync makes the names durable."""
         folder = self._active_path
         durable = self.durable
         temps: list[TempFile] = []  # written, not published
@@ -295,10 +295,8 @@ class CheckpointManager:
             payload_temp = TempFile(folder, "payload")
             temps.append(payload_temp)
             payload_temp.write(payload.chunks)
-            if durable and payload.size >= _HASH_WHILE_SYNCING:
-                payload.hash_in_background()
-                stage = "syncing the payload"
-                payload_temp.sync()  # the digest is computed meanwhile
+            if durable:
+                payload_temp.start_writeback()  # the disk works while the digest and sidecar are made
             for _ in range(_MAX_ID_ATTEMPTS):
                 stage = "writing the sidecar"
                 ms, seq = _CLOCK.next()
@@ -322,6 +320,8 @@ class CheckpointManager:
                 sidecar_temp = TempFile(folder, "sidecar")
                 temps.append(sidecar_temp)
                 sidecar_temp.write((build_sidecar(info),))
+                if durable:
+                    sidecar_temp.start_writeback()
                 victims = self._retention_victims(key, info) if priority in _RETAINED else []
                 if durable:
                     stage = "syncing the payload and sidecar"

@@ -21,10 +21,8 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import os
 import struct
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -150,30 +148,24 @@ def lifecycle_state_of(value: Any) -> int | None:
 # ---- payload ---------------------------------------------------------------------------
 class EncodedPayload:
     """A payload ready to write: ``chunks`` in file order, total ``size`` and its sha256
-    (computed when first read, or on a worker thread after :meth:`hash_in_background`).
-    The chunks view the caller's tensors, which must not change until it is written."""
+    (computed when first read, so a writer can start the write first). The chunks view
+    the caller's tensors, which must not change until the payload is written."""
 
     __slots__ = ("_digest", "chunks", "size")
 
     def __init__(self, chunks: tuple[memoryview | bytes, ...], size: int) -> None:
         self.chunks = chunks
         self.size = size
-        self._digest: Future[str] | str | None = None
-
-    def hash_in_background(self) -> None:
-        """Start computing the digest on a worker thread: for a large payload, while the
-        caller waits for its fsync."""
-        if self._digest is None:
-            self._digest = _hash_pool().submit(_sha256, self.chunks)
+        self._digest: str | None = None
 
     @property
     def sha256(self) -> str:
-        digest = self._digest
-        if digest is None:
-            digest = self._digest = _sha256(self.chunks)
-        elif not isinstance(digest, str):
-            digest = self._digest = digest.result()
-        return digest
+        if self._digest is None:
+            digest = hashlib.sha256()
+            for chunk in self.chunks:
+                digest.update(chunk)
+            self._digest = digest.hexdigest()
+        return self._digest
 
 
 def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:
@@ -196,27 +188,6 @@ def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:
     header_bytes += b" " * (-len(header_bytes) % 8)
     chunks = (struct.pack("<Q", len(header_bytes)) + header_bytes, *views)
     return EncodedPayload(chunks, len(chunks[0]) + offset)
-
-
-_hash_workers: list[ThreadPoolExecutor] = []
-
-
-def _sha256(chunks: tuple[memoryview | bytes, ...]) -> str:
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)  # releases the GIL for large buffers
-    return digest.hexdigest()
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    """One worker thread for payload digests, started on first use (again in a forked child)."""
-    if not _hash_workers:
-        _hash_workers.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="kasmina-sha256"))
-    return _hash_workers[0]
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_hash_workers.clear)  # the parent's worker thread does not exist in a child
 
 
 def _json_encoder(sort_keys: bool) -> Callable[[Any], str]:
