@@ -106,19 +106,20 @@ def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.
     """
     if not compiled_serves(base):
         return _reference.chunked_blend(base, blueprint_out, alpha, num_chunks)
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and torch._C._any_requires_grad(base, blueprint_out, alpha)
-    ):
+    if torch.compiler.is_compiling():  # traced code keeps the plain op and its registered autograd
         return _BLEND_OP(base, blueprint_out, alpha, num_chunks)
-    # Nothing to differentiate: skip the Python autograd kernel that register_autograd
-    # installs (several µs a call), as torch.library's custom ops do in the same case
-    # (forward_no_grad in torch/_library/autograd.py). Traced code keeps the plain op.
+    # Eager calls skip the Python autograd kernel that register_autograd installs (its
+    # trampoline and redispatch cost tens of µs a call): with something to differentiate
+    # they apply the same formula through _ChunkedBlendFunction, without they call the kernel.
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(base, blueprint_out, alpha):
+        return _ChunkedBlendFunction.apply(base, blueprint_out, alpha, num_chunks)
     with torch._C._AutoDispatchBelowAutograd():
         return _BLEND_OP(base, blueprint_out, alpha, num_chunks)
 
 
 if HAS_EXTENSION:
     _BLEND_OP = torch.ops.kasmina.chunked_blend.default
+    _BLEND_BACKWARD_OP = torch.ops.kasmina.chunked_blend_backward.default
 
     @torch.library.register_fake("kasmina::chunked_blend")
     def _chunked_blend_fake(base, blueprint_out, alpha, num_chunks):
@@ -144,7 +145,7 @@ if HAS_EXTENSION:
     def _chunked_blend_backward(ctx, grad):
         base, blueprint_out, alpha = ctx.saved_tensors
         need_base, need_blueprint, need_alpha = ctx.needs_input_grad[:3]
-        grad_base, grad_blueprint, grad_alpha = torch.ops.kasmina.chunked_blend_backward(
+        grad_base, grad_blueprint, grad_alpha = _BLEND_BACKWARD_OP(
             grad, base, blueprint_out, alpha, ctx.num_chunks, need_base, need_blueprint, need_alpha
         )
         return (
@@ -157,3 +158,17 @@ if HAS_EXTENSION:
     torch.library.register_autograd(
         "kasmina::chunked_blend", _chunked_blend_backward, setup_context=_chunked_blend_setup_context
     )
+
+    class _ChunkedBlendFunction(torch.autograd.Function):
+        """The registered autograd formula of kasmina::chunked_blend, applied directly by
+        eager calls of :func:`chunked_blend`. The context is set up inside forward: a
+        separate setup_context would make every apply() bind its arguments with inspect."""
+
+        @staticmethod
+        def forward(ctx, base, blueprint_out, alpha, num_chunks):
+            with torch._C._AutoDispatchBelowAutograd():
+                out = _BLEND_OP(base, blueprint_out, alpha, num_chunks)
+            _chunked_blend_setup_context(ctx, (base, blueprint_out, alpha, num_chunks), out)
+            return out
+
+        backward = staticmethod(_chunked_blend_backward)

@@ -237,6 +237,19 @@ def test_backward_op_computes_only_what_is_asked(needs) -> None:
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_eager_autograd_path_equals_registered_autograd(dtype) -> None:
+    """ops.chunked_blend applies the autograd formula directly in eager mode; the op
+    called through the dispatcher uses the one registered with register_autograd."""
+    base, bp, alpha = make_inputs((4, 3, 45), 7, dtype, seed=9, zero_chunks=(3,))
+    grad = torch.randn(base.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    eager = blend_with_grads(ops.chunked_blend, base, poison(bp, alpha, 7), alpha, 7, grad)
+    registered = blend_with_grads(torch.ops.kasmina.chunked_blend, base, poison(bp, alpha, 7), alpha, 7, grad)
+    for got, want in zip(eager, registered, strict=True):
+        assert torch.equal(got, want)
+
+
+@needs_extension
 @pytest.mark.parametrize("requires", [(True, False, False), (False, True, False), (False, False, True)], ids=str)
 def test_autograd_asks_only_for_needed_gradients(requires) -> None:
     base, bp, alpha = make_inputs((3, 10), 2, torch.float64)
