@@ -171,16 +171,15 @@ class EncodedPayload:
 def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:
     """Encode ``{section name: value}`` as one safetensors payload. Raises ``TypeError`` /
     ``ValueError`` naming the path of a value that cannot be stored."""
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, _TensorBytes] = {}
     structure = {name: _encode_value(value, name, tensors) for name, value in sections.items()}
     header: dict[str, Any] = {"__metadata__": {"format": PAYLOAD_FORMAT, "structure": compact_json(structure)}}
     views: list[memoryview] = []
     offset = 0
-    ordered = sorted(tensors.items(), key=_tensor_order) if len(tensors) > 1 else tensors.items()
-    for name, tensor in ordered:
-        view = _bytes_of(tensor)
+    # widest elements first, so that every tensor's data starts aligned to its element size
+    for _, name, code, shape, view in sorted((-t[0], name, *t[1:]) for name, t in tensors.items()):
         nbytes = view.nbytes
-        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         if nbytes:
             views.append(view)
         offset += nbytes
@@ -216,21 +215,29 @@ def compact_json(value: Any) -> str:
 _SCALARS = (str, int, float, type(None))  # bool is an int; floats keep NaN and infinities (Python's JSON)
 
 
-def _tensor_order(item: tuple[str, torch.Tensor]) -> tuple[int, str]:
-    """Widest elements first, so every tensor's data starts aligned to its element size."""
-    return (-item[1].element_size(), item[0])
+_TensorBytes = tuple[int, str, list[int], memoryview]  # (element size, dtype code, shape, bytes)
 
 
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
+def _tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype, path: str) -> tuple[memoryview, list[int]]:
+    """The bytes (without a copy when it can) and shape of a tensor of a supported dtype."""
+    if dtype in _NUMPY_DTYPES:
+        try:  # a CPU tensor that is contiguous and needs no grad: a view of its memory
+            array = tensor.numpy()
+            return memoryview(array).cast("B"), list(array.shape)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # on another device, needs grad, not contiguous or empty: the general way
+    if tensor.is_meta:
+        raise ValueError(f"checkpoint tensor {path!r} is on the meta device and has no data")
+    tensor = tensor.detach().to("cpu").contiguous()
+    shape = list(tensor.shape)
     if not tensor.numel():
-        return memoryview(b"")
-    if tensor.dtype in _NUMPY_DTYPES:
-        return memoryview(tensor.numpy()).cast("B")
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        return memoryview(b""), shape
+    if dtype in _NUMPY_DTYPES:
+        return memoryview(tensor.numpy()).cast("B"), shape
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), shape
 
 
-def _encode_value(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+def _encode_value(value: Any, path: str, tensors: dict[str, _TensorBytes]) -> Any:
     kind = type(value)
     if kind is torch.Tensor or isinstance(value, torch.Tensor):
         return {_TENSOR_TAG: _add_tensor(value, path, tensors)}
@@ -255,25 +262,20 @@ def _encode_value(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> An
     )
 
 
-def _add_tensor(tensor: torch.Tensor, path: str, tensors: dict[str, torch.Tensor]) -> str:
-    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+def _add_tensor(tensor: torch.Tensor, path: str, tensors: dict[str, _TensorBytes]) -> str:
+    if tensor.layout != torch.strided or tensor.is_nested:
         raise TypeError(f"checkpoint tensor {path!r}: only dense tensors can be stored, got layout {tensor.layout}")
-    if tensor.dtype not in _DTYPES:
-        raise TypeError(f"checkpoint tensor {path!r}: dtype {tensor.dtype} is not supported by safetensors")
-    if not tensor.is_cpu:
-        if tensor.is_meta:
-            raise ValueError(f"checkpoint tensor {path!r} is on the meta device and has no data")
-        tensor = tensor.detach().to("cpu")
-    elif tensor.requires_grad:
-        tensor = tensor.detach()
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
+    dtype = tensor.dtype
+    code = _DTYPES.get(dtype)
+    if code is None:  # quantized and complex dtypes among them
+        raise TypeError(f"checkpoint tensor {path!r}: dtype {dtype} is not supported by safetensors")
+    view, shape = _tensor_bytes(tensor, dtype, path)
     name = path
     suffix = 1
     while name in tensors:
         name = f"{path}#{suffix}"
         suffix += 1
-    tensors[name] = tensor
+    tensors[name] = (dtype.itemsize, code, shape, view)
     return name
 
 

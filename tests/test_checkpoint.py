@@ -318,6 +318,13 @@ def test_unsafe_layer_ids_are_rejected(manager: CheckpointManager, layer_id: obj
         ({"state_data": {"x": {1: 2}}}, TypeError, "'state_data/x': dict keys must be strings"),
         ({"state_data": {"lifecycle_state": 99}}, ValueError, "out of range"),
         ({"state_data": {"x": torch.zeros(2, dtype=torch.complex64)}}, TypeError, "complex64"),
+        ({"state_data": {"x": torch.zeros(2).to_sparse()}}, TypeError, "'state_data/x': only dense tensors"),
+        (
+            {"state_data": {"x": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)}},
+            TypeError,
+            "dense",
+        ),
+        ({"state_data": {"x": torch.zeros(2, device="meta")}}, ValueError, "'state_data/x' is on the meta device"),
         ({"blueprint_state": [torch.ones(1)]}, TypeError, "blueprint_state"),
     ],
 )
