@@ -115,11 +115,11 @@ class _Snapshot:
     File layout (UTF-8 text): a JSON header line ``{format, fields, count, crc32,
     folder}``, then the JSON array of sidecar names, the JSON array of their inodes, the
     JSON array of their seed keys, then one JSON array of field values per row (its
-    location is ignored: it is the index's own). ``crc32``
-    covers everything after the header line. ``folder`` is the folder's identity when the
-    rows were taken from a settled scan of a tidy folder (see :meth:`FolderScan.is_tidy`),
-    else null: while the folder still has that identity, the rows are exactly its
-    sidecars and the folder needs no listing."""
+    location is ignored: it is the index's own). ``crc32`` covers everything after the
+    header line. ``folder`` is the folder's identity when the rows were taken from a
+    settled scan of a tidy folder (see :meth:`FolderScan.is_tidy`), else null: while the
+    folder still has that identity, the rows are exactly its sidecars and the folder
+    needs no listing."""
 
     __slots__ = ("_key_line", "_keys", "body", "decoded", "folder", "inodes", "location", "names", "rows")
 
@@ -224,14 +224,15 @@ class _Snapshot:
 
 class SidecarIndex:
     """Cached sidecars of one folder. ``refresh`` costs one ``stat`` while the folder is
-    unchanged (same device, inode, mtime and ctime); otherwise it lists the folder and parses only new or replaced sidecars
-    (compared by name and inode: the manager always replaces a file by renaming a new one
-    over it). A cold start reuses the snapshot ``cache_file`` a previous refresh left for
-    every sidecar whose name and inode still match; those entries are decoded only when
-    a listing returns them, and any damage found in the snapshot drops it and rebuilds
-    the index from the sidecars. A sidecar edited in place by another tool may keep stale
-    metadata in listings; restore and verify always re-read and check it. Not
-    thread-safe: the manager's lock guards it."""
+    unchanged (same device, inode, mtime and ctime); otherwise it lists the folder and
+    parses only new or replaced sidecars (compared by name and inode: the manager always
+    replaces a file by renaming a new one over it). A cold start reuses the snapshot
+    ``cache_file`` a previous refresh left for every sidecar whose name and inode still
+    match, without even listing the folder while it has the identity the snapshot
+    vouches for; snapshot entries are decoded only when a listing returns them, and any
+    damage found in the snapshot drops it and rebuilds the index from the sidecars. A
+    sidecar edited in place by another tool may keep stale metadata in listings; restore
+    and verify always re-read and check it. Not thread-safe: the manager's lock guards it."""
 
     def __init__(self, folder: Path, location: str, cache_file: Path | None = None) -> None:
         self.folder = folder
