@@ -218,23 +218,30 @@ _SCALARS = (str, int, float, type(None))  # bool is an int; floats keep NaN and 
 _TensorBytes = tuple[int, str, list[int], memoryview]  # (element size, dtype code, shape, bytes)
 
 
-def _tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype, path: str) -> tuple[memoryview, list[int]]:
-    """The bytes (without a copy when it can) and shape of a tensor of a supported dtype."""
+def _tensor_bytes(tensor: torch.Tensor, path: str) -> tuple[str, int, list[int], memoryview]:
+    """(dtype code, element size, shape, bytes) of a tensor, viewing its memory when it can.
+    Raises ``TypeError``/``ValueError`` naming ``path`` for one that cannot be stored."""
+    dtype = tensor.dtype
     if dtype in _NUMPY_DTYPES:
-        try:  # a CPU tensor that is contiguous and needs no grad: a view of its memory
+        try:  # a dense, contiguous CPU tensor that needs no grad: a view of its memory
             array = tensor.numpy()
-            return memoryview(array).cast("B"), list(array.shape)
+            return _DTYPES[dtype], dtype.itemsize, list(array.shape), memoryview(array).cast("B")
         except (RuntimeError, TypeError, ValueError):
-            pass  # on another device, needs grad, not contiguous or empty: the general way
+            pass  # the general way, with its checks
+    if tensor.layout != torch.strided or tensor.is_nested:
+        raise TypeError(f"checkpoint tensor {path!r}: only dense tensors can be stored, got layout {tensor.layout}")
+    code = _DTYPES.get(dtype)
+    if code is None:  # quantized and complex dtypes among them
+        raise TypeError(f"checkpoint tensor {path!r}: dtype {dtype} is not supported by safetensors")
     if tensor.is_meta:
         raise ValueError(f"checkpoint tensor {path!r} is on the meta device and has no data")
     tensor = tensor.detach().to("cpu").contiguous()
     shape = list(tensor.shape)
     if not tensor.numel():
-        return memoryview(b""), shape
+        return code, dtype.itemsize, shape, memoryview(b"")
     if dtype in _NUMPY_DTYPES:
-        return memoryview(tensor.numpy()).cast("B"), shape
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), shape
+        return code, dtype.itemsize, shape, memoryview(tensor.numpy()).cast("B")
+    return code, dtype.itemsize, shape, memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def _encode_value(value: Any, path: str, tensors: dict[str, _TensorBytes]) -> Any:
@@ -263,19 +270,13 @@ def _encode_value(value: Any, path: str, tensors: dict[str, _TensorBytes]) -> An
 
 
 def _add_tensor(tensor: torch.Tensor, path: str, tensors: dict[str, _TensorBytes]) -> str:
-    if tensor.layout != torch.strided or tensor.is_nested:
-        raise TypeError(f"checkpoint tensor {path!r}: only dense tensors can be stored, got layout {tensor.layout}")
-    dtype = tensor.dtype
-    code = _DTYPES.get(dtype)
-    if code is None:  # quantized and complex dtypes among them
-        raise TypeError(f"checkpoint tensor {path!r}: dtype {dtype} is not supported by safetensors")
-    view, shape = _tensor_bytes(tensor, dtype, path)
+    code, itemsize, shape, view = _tensor_bytes(tensor, path)
     name = path
     suffix = 1
     while name in tensors:
         name = f"{path}#{suffix}"
         suffix += 1
-    tensors[name] = (dtype.itemsize, code, shape, view)
+    tensors[name] = (itemsize, code, shape, view)
     return name
 
 
