@@ -322,8 +322,6 @@ class CheckpointManager:
                 sidecar_temp.write((build_sidecar(info),))
                 if durable:
                     sidecar_temp.start_writeback()
-                victims = self._retention_victims(key, info) if priority in _RETAINED else []
-                if durable:
                     stage = "syncing the payload and sidecar"
                     payload_temp.sync()
                     sidecar_temp.sync()
@@ -364,6 +362,8 @@ class CheckpointManager:
         with self._lock:
             self._active.add(info, inode)
             self._active.invalidate()
+            # after the add, under the same lock: concurrent saves of a seed each see the others
+            victims = self._retention_victims(key) if priority in _RETAINED else []
         self._archive_all(victims)
         return info
 
@@ -390,15 +390,13 @@ class CheckpointManager:
         )
 
     # -- retention, deletion ---------------------------------------------------------------
-    def _retention_victims(self, key: SeedKey, new: CheckpointInfo) -> list[CheckpointInfo]:
-        """The ``low``/``normal`` checkpoints of ``key`` that fall out of the newest
-        ``max_checkpoints_per_seed`` once ``new`` is saved (worked out before the save's
-        fsyncs; moved only after it is durable)."""
-        with self._lock:
-            candidates = [i for i in self._active.for_key(key) if i.priority in _RETAINED and i.version == 2]
-        if len(candidates) < self.max_checkpoints_per_seed:
+    def _retention_victims(self, key: SeedKey) -> list[CheckpointInfo]:
+        """The ``low``/``normal`` checkpoints of ``key`` older than its newest
+        ``max_checkpoints_per_seed``: what retention moves (the caller holds the lock)."""
+        candidates = [i for i in self._active.for_key(key) if i.priority in _RETAINED and i.version == 2]
+        if len(candidates) <= self.max_checkpoints_per_seed:
             return []
-        return newest_first([*candidates, new])[self.max_checkpoints_per_seed :]
+        return newest_first(candidates)[self.max_checkpoints_per_seed :]
 
     def _archive_all(self, victims: list[CheckpointInfo]) -> None:
         for info in victims:

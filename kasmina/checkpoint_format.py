@@ -173,17 +173,20 @@ def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:
     ``ValueError`` naming the path of a value that cannot be stored."""
     tensors: dict[str, _TensorBytes] = {}
     structure = {name: _encode_value(value, name, tensors) for name, value in sections.items()}
-    header: dict[str, Any] = {"__metadata__": {"format": PAYLOAD_FORMAT, "structure": compact_json(structure)}}
+    # the header as json.dumps(..., separators=(",", ":")) writes it, put together directly
+    header = [f'{{"__metadata__":{{"format":"{PAYLOAD_FORMAT}","structure":{_escape(compact_json(structure))}}}']
     views: list[memoryview] = []
     offset = 0
     # widest elements first, so that every tensor's data starts aligned to its element size
     for _, name, code, shape, view in sorted((-t[0], name, *t[1:]) for name, t in tensors.items()):
         nbytes = view.nbytes
-        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        dims = ",".join(map(str, shape))
+        header.append(f',{_escape(name)}:{{"dtype":"{code}","shape":[{dims}],"data_offsets":[{offset},{offset + nbytes}]}}')
         if nbytes:
             views.append(view)
         offset += nbytes
-    header_bytes = compact_json(header).encode()
+    header.append("}")
+    header_bytes = "".join(header).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
     chunks = (struct.pack("<Q", len(header_bytes)) + header_bytes, *views)
     return EncodedPayload(chunks, len(chunks[0]) + offset)
@@ -203,6 +206,7 @@ def _json_encoder(sort_keys: bool) -> Callable[[Any], str]:
     return lambda value: "".join(fast(value, 0))
 
 
+_escape = json.encoder.encode_basestring_ascii  # a str as JSON, quotes included (json's own, in C)
 _compact_encode = _json_encoder(sort_keys=False)
 _canonical_json = _json_encoder(sort_keys=True)
 
@@ -212,7 +216,8 @@ def compact_json(value: Any) -> str:
     return _compact_encode(value)
 
 
-_SCALARS = (str, int, float, type(None))  # bool is an int; floats keep NaN and infinities (Python's JSON)
+_SCALARS = (str, int, float, type(None))
+_PLAIN = frozenset((*_SCALARS, bool))  # stored as they are (floats keep NaN and infinities: Python's JSON)
 
 
 _TensorBytes = tuple[int, str, list[int], memoryview]  # (element size, dtype code, shape, bytes)
@@ -255,9 +260,10 @@ def _encode_value(value: Any, path: str, tensors: dict[str, _TensorBytes]) -> An
                 raise TypeError(f"checkpoint value {path!r}: dict keys must be strings, got {key!r} ({type(key).__name__})")
             if key == _TENSOR_TAG:
                 raise ValueError(f"checkpoint value {path!r}: the key {_TENSOR_TAG!r} is reserved")
-            out[key] = _encode_value(item, f"{path}/{key}", tensors)
+            kind = type(item)
+            out[key] = item if kind in _PLAIN else _encode_value(item, f"{path}/{key}", tensors)
         return out
-    if kind in _SCALARS or kind is bool:
+    if kind in _PLAIN:
         return value
     if isinstance(value, list | tuple):
         return [_encode_value(item, f"{path}/{i}", tensors) for i, item in enumerate(value)]
