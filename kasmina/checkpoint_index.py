@@ -27,7 +27,10 @@ _CACHE_AFTER_PARSING = 256  # a refresh that had to read this many sidecars leav
 _DECODE_BATCH = 256  # snapshot rows decoded at a time while a filtered listing walks the order
 _MERGE_BY_SEARCH = 64  # up to this many entries besides the snapshot's are inserted by binary search
 
+# in "/name/name/.../": temp files, stems of payloads and of sidecars (those listed: no leading dot)
 _TEMP_NAMES = re.compile(f"(?<=/)({re.escape(TEMP_PREFIX)}[^/]*)(?=/)")
+_PAYLOAD_STEMS = re.compile(r"(?<=/)([^/]*)\.(?:safetensors|pt)(?=/)")
+_SIDECAR_STEMS = re.compile(r"(?<=/)([^/.][^/]*)\.json(?=/)")
 Identity = tuple[int, int, int, int]  # a folder's (device, inode, mtime_ns, ctime_ns)
 Item = CheckpointInfo | int  # an entry of the newest-first order: an info, or a snapshot row not decoded yet
 
@@ -58,16 +61,13 @@ class FolderScan:
         return _TEMP_NAMES.findall(self._joined) if f"/{TEMP_PREFIX}" in self._joined else []
 
     def is_tidy(self) -> bool:
-        """No temp files, and every sidecar has its payload and every payload its sidecar."""
+        """No temp files, and every sidecar has its payload and every payload its sidecar
+        (one of each per checkpoint)."""
         if self.temp_names():
             return False
         text = self._joined
-        names = set(self.names)
-        for name in self.sidecars:
-            stem = name[:-5]
-            if f"{stem}.safetensors" not in names and f"{stem}.pt" not in names:
-                return False
-        return text.count(".safetensors/") + text.count(".pt/") == len(self.sidecars)
+        payloads = _PAYLOAD_STEMS.findall(text)
+        return len(payloads) == len(self.sidecars) and set(payloads) == set(_SIDECAR_STEMS.findall(text))
 
 
 def folder_identity(folder: str | os.PathLike[str]) -> Identity:

@@ -223,3 +223,21 @@ def test_a_snapshot_is_recertified_after_a_change_that_left_the_sidecars_alone(
     listed_folders.clear()
     assert CheckpointManager(tmp_path).list_checkpoints(limit=None) == truth
     assert str(active) not in listed_folders
+
+
+@pytest.mark.parametrize(
+    ("names", "tidy"),
+    [
+        (["a.json", "a.safetensors", "b.json", "b.pt"], True),
+        (["a.json", "a.safetensors", ".hidden.json", "notes.txt", "a.json.bak", "x.y.json", "x.y.safetensors"], True),
+        ([], True),
+        (["a.json", "a.safetensors", "b.json"], False),  # a sidecar without payload
+        (["a.json", "a.safetensors", "c.safetensors"], False),  # a payload without sidecar
+        (["a.json", "a.safetensors", "a.pt"], False),  # two payloads for one sidecar
+        (["a.json", "a.safetensors", f"{TEMP_PREFIX}1-2-payload.tmp"], False),  # a temp file
+        (["foreign.json"], False),
+    ],
+)
+def test_only_a_tidy_folder_can_be_vouched_for(names: list[str], tidy: bool) -> None:
+    sidecars = {name: 1 for name in names if name.endswith(".json") and not name.startswith(".")}
+    assert ckpt_index.FolderScan((0, 0, 0, 0), 0, names, sidecars).is_tidy() is tidy
