@@ -98,24 +98,20 @@ class TempFile:
         _unlink_quietly(self.path)
 
 
-def write_temp(
-    folder: str | os.PathLike[str], label: str, chunks: Sequence[Buffer], *, durable: bool = True, inode: bool = False
-) -> tuple[str, int | None]:
+def write_temp(folder: str | os.PathLike[str], label: str, chunks: Sequence[Buffer], *, durable: bool = True) -> str:
     """Write ``chunks`` (bytes-like objects of byte format) to a new temp file in
-    ``folder``, fsynced when ``durable``.
-
-    Returns ``(temp path, its inode if inode=True else None)``. On any error the temp file
+    ``folder``, fsynced when ``durable``, and return its path. On any error the temp file
     is removed and the error re-raised (an ``OSError`` such as ENOSPC keeps its errno)."""
     temp = TempFile(folder, label)
     try:
         temp.write(chunks)
         if durable:
             temp.sync()
-        number = temp.finish(inode)
+        temp.finish()
     except BaseException:
         temp.discard()
         raise
-    return temp.path, number
+    return temp.path
 
 
 def _write_all(fd: int, chunks: Sequence[Buffer]) -> None:
@@ -175,7 +171,7 @@ def atomic_write(path: Path, data: Buffer | Iterable[Buffer], *, durable: bool =
     """Write ``data`` (bytes or an iterable of buffers) to ``path`` atomically, and
     durably unless ``durable=False``. See :func:`publish` for ``overwrite``."""
     chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
-    temp, _ = write_temp(path.parent, path.name, chunks, durable=durable)
+    temp = write_temp(path.parent, path.name, chunks, durable=durable)
     try:
         publish(temp, path, overwrite=overwrite)
     except BaseException:
