@@ -103,6 +103,10 @@ def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.
     or ``alpha``. Differentiable in all three tensors and usable under
     ``torch.compile(fullgraph=True)``. Raises ValueError/TypeError for mismatched shapes,
     devices or dtypes, a wrong alpha length, or ``num_chunks`` outside ``[1, D]``.
+
+    On CPU, a call that moves more bytes than the last-level cache holds writes its output
+    with non-temporal stores (past the cache); ``KASMINA_STREAM_MIN_BYTES`` sets that size
+    and ``kasmina info`` shows it.
     """
     if not compiled_serves(base):
         return _reference.chunked_blend(base, blueprint_out, alpha, num_chunks)
