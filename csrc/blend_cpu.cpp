@@ -6,7 +6,8 @@
 // into maximal runs of features whose chunks are all active (alpha != 0) or all
 // inactive. An active run is one vectorisable loop however narrow its chunks are; an
 // inactive run is a copy (grad_base: of grad) or a zero fill and never reads
-// blueprint_out.
+// blueprint_out. Calls larger than the last-level cache write their outputs with
+// non-temporal stores (streams_outputs).
 //
 // Work is cut into tiles of about kTileElements elements (a block of rows times a block
 // of features; kSumTileElements when grad_alpha is summed, so that folding a tile's
@@ -270,7 +271,8 @@ void float_to_half(const float* src, c10::Half* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
 }
 
-// float16 runs are computed in stages of kStage elements through float32 buffers.
+// float16 runs are computed in stages of kStage elements through float32 buffers, and
+// streamed runs (see streams_outputs) through a stage buffer in L1.
 constexpr int64_t kStage = 512;
 
 template <typename scalar_t, typename acc_t>
