@@ -22,6 +22,9 @@ __all__ = ["FolderScan", "SeedKey", "SidecarIndex", "folder_identity", "newest_f
 
 SeedKey = tuple[str, str, int | None]  # (layer_id, kind, seed_id)
 _SETTLE_NS = 100_000_000  # a folder unchanged this long before a scan cannot hide a later change
+# Folder times in whole seconds mean a file system that keeps no finer ones (ext4 with small
+# inodes, HFS+, FAT: 1-2 s), where a change within the same second keeps them.
+_COARSE_SETTLE_NS = 3_000_000_000
 _CACHE_FORMAT = "kasmina-checkpoint-index-cache/2"
 _CACHE_AFTER_PARSING = 256  # a refresh that had to read this many sidecars leaves a snapshot
 _DECODE_BATCH = 256  # snapshot rows decoded at a time while a filtered listing walks the order
@@ -50,7 +53,9 @@ class FolderScan:
     def settled(self) -> bool:
         """True when no change made after this scan can leave the folder's mtime and ctime
         as they were (timestamps are coarse: a change right after another may keep them)."""
-        return self.started_ns - max(self.identity[2], self.identity[3]) > _SETTLE_NS
+        mtime, ctime = self.identity[2], self.identity[3]
+        whole_seconds = mtime % 1_000_000_000 == 0 and ctime % 1_000_000_000 == 0
+        return self.started_ns - max(mtime, ctime) > (_COARSE_SETTLE_NS if whole_seconds else _SETTLE_NS)
 
     @cached_property
     def _joined(self) -> str:

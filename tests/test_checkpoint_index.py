@@ -246,3 +246,21 @@ def test_a_snapshot_is_recertified_after_a_change_that_left_the_sidecars_alone(
 def test_only_a_tidy_folder_can_be_vouched_for(names: list[str], tidy: bool) -> None:
     sidecars = {name: 1 for name in names if name.endswith(".json") and not name.startswith(".")}
     assert ckpt_index.FolderScan((0, 0, 0, 0), 0, names, sidecars).is_tidy() is tidy
+
+
+@pytest.mark.parametrize(
+    ("mtime", "ctime", "age_ns", "settled"),
+    [
+        (1_700_000_000_123_456_789, 1_700_000_000_123_456_789, 150_000_000, True),  # fine times, 150 ms ago
+        (1_700_000_000_123_456_789, 1_700_000_000_123_456_789, 50_000_000, False),
+        (1_700_000_000_000_000_000, 1_700_000_000_000_000_000, 150_000_000, False),  # whole seconds: coarse times
+        (1_700_000_000_000_000_000, 1_700_000_000_000_000_000, 3_500_000_000, True),
+        (1_700_000_000_000_000_000, 1_700_000_000_000_000_001, 150_000_000, True),  # one fine time is enough
+    ],
+)
+def test_a_scan_is_settled_only_when_no_later_change_can_keep_the_folder_times(
+    monkeypatch: pytest.MonkeyPatch, mtime: int, ctime: int, age_ns: int, settled: bool
+) -> None:
+    monkeypatch.setattr(ckpt_index, "_SETTLE_NS", 100_000_000)  # the real value (the fixture zeroes it)
+    scan = ckpt_index.FolderScan((1, 2, mtime, ctime), max(mtime, ctime) + age_ns, [], {})
+    assert scan.settled is settled
