@@ -63,7 +63,7 @@ from .checkpoint_format import (
     load_json,
     parse_sidecar,
 )
-from .checkpoint_index import SeedKey, SidecarIndex, newest_first, scan_folder
+from .checkpoint_index import SeedKey, SidecarIndex, newest_first
 from .checkpoint_v1 import V1_ID_RE, info_from_v1, load_v1, parse_v1_sidecar
 from .durable_io import TempFile, atomic_write, clean_stale_temps, fsync_dir, is_temp_name, publish
 
@@ -211,7 +211,8 @@ class CheckpointManager:
         self._archive = SidecarIndex(self.archive_dir, "archive")
         self._numbers: dict[SeedKey, int] = {}
         active = self._active.open()  # None: active/ is exactly as a tidy listing left it, nothing to clean or finish
-        archived = self._archive.open() or scan_folder(self.archive_dir)  # (archive/ has no snapshot: always listed)
+        archived = self._archive.open()
+        assert archived is not None  # archive/ has no snapshot, so open() always lists it
         self.cleaned_temp_files = [
             *clean_stale_temps(self.checkpoint_dir),
             *(clean_stale_temps(self.active_dir, active.temp_names()) if active is not None else ()),

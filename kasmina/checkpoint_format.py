@@ -244,8 +244,6 @@ def _tensor_bytes(tensor: torch.Tensor, path: str) -> tuple[str, int, list[int],
     shape = list(tensor.shape)
     if not tensor.numel():
         return code, dtype.itemsize, shape, memoryview(b"")
-    if dtype in _NUMPY_DTYPES:
-        return code, dtype.itemsize, shape, memoryview(tensor.numpy()).cast("B")
     return code, dtype.itemsize, shape, memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 

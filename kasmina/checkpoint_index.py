@@ -110,6 +110,10 @@ def _key_text(layer_id: str, kind: str, seed_id: int | None) -> str:
     return f"{kind}:{seed_id}:{layer_id}"
 
 
+def _info_key_text(info: CheckpointInfo) -> str:
+    return _key_text(info.layer_id, info.kind, info.seed_id)
+
+
 class _BrokenSnapshot(Exception):
     """A snapshot row that does not decode to the checkpoint its name says."""
 
@@ -362,10 +366,14 @@ class SidecarIndex:
         self._settled = False
 
     def _certify(self, snapshot: _Snapshot, folder: Identity) -> None:
+        self._write_cache(lambda: snapshot.certify(self.cache_file, folder))  # type: ignore[arg-type]
+
+    def _write_cache(self, write: Callable[[], None]) -> None:
+        """``write()`` the snapshot; a failure only warns: listing works without the cache."""
         try:
-            snapshot.certify(self.cache_file, folder)  # type: ignore[arg-type]
-        except OSError as exc:  # only a cache: listing works without it
-            warnings.warn(f"could not write the checkpoint index cache {self.cache_file}: {exc}", RuntimeWarning, stacklevel=3)
+            write()
+        except OSError as exc:
+            warnings.warn(f"could not write the checkpoint index cache {self.cache_file}: {exc}", RuntimeWarning, stacklevel=4)
 
     def _save_cache(self, folder: Identity | None) -> None:
         try:
@@ -385,13 +393,10 @@ class SidecarIndex:
             else:
                 info: CheckpointInfo = item  # type: ignore[assignment]
                 names.append(f"{info.checkpoint_id}.json")
-                key_texts.append(_key_text(info.layer_id, info.kind, info.seed_id))
+                key_texts.append(_info_key_text(info))
                 rows.append(compact_json(info))
         inodes = [self._inodes[name] for name in names]
-        try:
-            _Snapshot.write(self.cache_file, names, inodes, key_texts, rows, folder)  # type: ignore[arg-type]
-        except OSError as exc:  # only a cache: listing works without it
-            warnings.warn(f"could not write the checkpoint index cache {self.cache_file}: {exc}", RuntimeWarning, stacklevel=2)
+        self._write_cache(lambda: _Snapshot.write(self.cache_file, names, inodes, key_texts, rows, folder))  # type: ignore[arg-type]
 
     def _guarded(self, read: Callable[[], object]) -> object:
         """``read()``; if the snapshot turns out damaged, rebuild from the sidecars and retry."""
@@ -410,7 +415,7 @@ class SidecarIndex:
         self._entries[info.checkpoint_id] = info
         self._inodes[name] = inode
         if self._by_key is not None:
-            self._by_key.setdefault(_key_text(info.layer_id, info.kind, info.seed_id), set()).add(info.checkpoint_id)
+            self._by_key.setdefault(_info_key_text(info), set()).add(info.checkpoint_id)
         if self._order is not None:
             try:
                 position = self._position(self._order, _sort_key(info))
@@ -431,7 +436,7 @@ class SidecarIndex:
         info = self._entries.pop(checkpoint_id, None)
         row = None if info is not None else self._live.pop(name)
         if self._by_key is not None:
-            key = _key_text(info.layer_id, info.kind, info.seed_id) if info is not None else self._snapshot.keys()[row]  # type: ignore[union-attr,index]
+            key = _info_key_text(info) if info is not None else self._snapshot.keys()[row]  # type: ignore[union-attr,index]
             self._by_key.get(key, set()).discard(checkpoint_id)
         if self._order is not None:
             try:
@@ -492,7 +497,7 @@ class SidecarIndex:
     def _build_by_key(self) -> dict[str, set[str]]:
         by_key: dict[str, set[str]] = {}
         for checkpoint_id, info in self._entries.items():
-            by_key.setdefault(_key_text(info.layer_id, info.kind, info.seed_id), set()).add(checkpoint_id)
+            by_key.setdefault(_info_key_text(info), set()).add(checkpoint_id)
         if self._live:
             keys = self._snapshot.keys()  # type: ignore[union-attr]
             for name, row in self._live.items():
