@@ -66,11 +66,7 @@ def _bare_write(folder: Path, data: bytes, durable: bool) -> None:
         os.close(fd)
     os.replace(temp, folder / f"bare-{n}.bin")
     if durable:
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _fsync_folder(folder)
 
 
 class _FloorWrite:
@@ -106,14 +102,19 @@ class _FloorWrite:
             os.link(temp, f"{active}/{n}.{ext}")
             os.unlink(temp)
         if durable:
-            dfd = os.open(active, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync_folder(active)
         if n > self.keep:
             for ext in ("json", "safetensors"):
                 os.replace(f"{active}/{n - self.keep}.{ext}", f"{self.archive}/{n - self.keep}.{ext}")
+
+
+def _fsync_folder(folder: str | Path) -> None:
+    """Make the names in ``folder`` durable, in raw os calls."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _bare_read(path: Path) -> bytes:
