@@ -63,7 +63,7 @@ from .checkpoint_format import (
     load_json,
     parse_sidecar,
 )
-from .checkpoint_index import SeedKey, SidecarIndex, newest_first
+from .checkpoint_index import FolderScan, SeedKey, SidecarIndex, newest_first
 from .checkpoint_v1 import V1_ID_RE, info_from_v1, load_v1, parse_v1_sidecar
 from .durable_io import TempFile, atomic_write, clean_stale_temps, fsync_dir, is_temp_name, publish
 
@@ -219,7 +219,7 @@ class CheckpointManager:
             *clean_stale_temps(self.archive_dir, archived.temp_names()),
         ]
         if active is not None:
-            self._finish_interrupted_moves(active.names, archived.names)
+            self._finish_interrupted_moves(active, archived)
 
     def __repr__(self) -> str:
         return (
@@ -757,12 +757,13 @@ class CheckpointManager:
             fsync_dir(self.checkpoint_dir)
             fsync_dir(self.checkpoint_dir.parent)
 
-    def _finish_interrupted_moves(self, active: list[str], archived: list[str]) -> None:
+    def _finish_interrupted_moves(self, active_scan: FolderScan, archive_scan: FolderScan) -> None:
         """Complete moves to ``archive/`` cut short by a crash (sidecar and payload in
         different folders). Only names of checkpoints are touched. A checkpoint with files
         in both folders is found by walking the names of the smaller one."""
-        if not active or not archived:
+        if active_scan.empty or archive_scan.empty:
             return
+        active, archived = active_scan.names, archive_scan.names
         active_set, archived_set = set(active), set(archived)
         for name in archived if len(archived) <= len(active) else active:
             stem, dot, ext = name.rpartition(".")

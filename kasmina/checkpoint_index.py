@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 import warnings
 import zlib
@@ -13,27 +14,29 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
+from ._extension import HAS_EXTENSION
 from .checkpoint_errors import CheckpointError
 from .checkpoint_format import CheckpointInfo, compact_json, is_v2_sidecar, load_json, parse_sidecar
 from .checkpoint_v1 import parse_v1_sidecar
 from .durable_io import TEMP_PREFIX, atomic_write
 
-__all__ = ["FolderScan", "SeedKey", "SidecarIndex", "folder_identity", "newest_first", "scan_folder"]
+__all__ = ["FolderScan", "SeedKey", "SidecarIndex", "folder_identity", "newest_first", "scan_folder", "scan_folder_python"]
 
 SeedKey = tuple[str, str, int | None]  # (layer_id, kind, seed_id)
 _SETTLE_NS = 100_000_000  # a folder unchanged this long before a scan cannot hide a later change
 # Folder times in whole seconds mean a file system that keeps no finer ones (ext4 with small
 # inodes, HFS+, FAT: 1-2 s), where a change within the same second keeps them.
 _COARSE_SETTLE_NS = 3_000_000_000
-_CACHE_FORMAT = "kasmina-checkpoint-index-cache/2"
+_CACHE_FORMAT = "kasmina-checkpoint-index-cache/3"
+_VOUCH_FORMAT = "kasmina-checkpoint-index-folder/1"
 _CACHE_AFTER_PARSING = 256  # a refresh that had to read this many sidecars leaves a snapshot
 _DECODE_BATCH = 256  # snapshot rows decoded at a time while a filtered listing walks the order
 _MERGE_BY_SEARCH = 64  # up to this many entries besides the snapshot's are inserted by binary search
 
-# in "/name/name/.../": temp files, stems of payloads and of sidecars (those listed: no leading dot)
+# temp files in "/name/name/.../"
 _TEMP_NAMES = re.compile(f"(?<=/)({re.escape(TEMP_PREFIX)}[^/]*)(?=/)")
-_PAYLOAD_STEMS = re.compile(r"(?<=/)([^/]*)\.(?:safetensors|pt)(?=/)")
-_SIDECAR_STEMS = re.compile(r"(?<=/)([^/.][^/]*)\.json(?=/)")
 Identity = tuple[int, int, int, int]  # a folder's (device, inode, mtime_ns, ctime_ns)
 Item = CheckpointInfo | int  # an entry of the newest-first order: an info, or a snapshot row not decoded yet
 
@@ -42,12 +45,15 @@ Item = CheckpointInfo | int  # an entry of the newest-first order: an info, or a
 class FolderScan:
     """One listing of a folder: every name, and the inode of each sidecar (``*.json``).
     ``identity`` is the folder's (device, inode, mtime, ctime) read just before the
-    listing started at ``started_ns``."""
+    listing started at ``started_ns``; ``joined`` is every name as ``"/a/b/.../"`` ('/' is
+    the one character no file name holds); ``tidy``: no temp files, and every sidecar has
+    its payload and every payload its sidecar (one of each per checkpoint)."""
 
     identity: Identity
     started_ns: int
-    names: list[str]
+    joined: str
     sidecars: dict[str, int]
+    tidy: bool
 
     @property
     def settled(self) -> bool:
@@ -58,21 +64,16 @@ class FolderScan:
         return self.started_ns - max(mtime, ctime) > (_COARSE_SETTLE_NS if whole_seconds else _SETTLE_NS)
 
     @cached_property
-    def _joined(self) -> str:
-        return f"/{'/'.join(self.names)}/"  # '/' is the one character no file name holds
+    def names(self) -> list[str]:
+        return _split_joined(self.joined)
+
+    @property
+    def empty(self) -> bool:
+        return len(self.joined) < 2
 
     def temp_names(self) -> list[str]:
         """The names that look like temp files of :mod:`kasmina.durable_io`."""
-        return _TEMP_NAMES.findall(self._joined) if f"/{TEMP_PREFIX}" in self._joined else []
-
-    def is_tidy(self) -> bool:
-        """No temp files, and every sidecar has its payload and every payload its sidecar
-        (one of each per checkpoint)."""
-        if self.temp_names():
-            return False
-        text = self._joined
-        payloads = _PAYLOAD_STEMS.findall(text)
-        return len(payloads) == len(self.sidecars) and set(payloads) == set(_SIDECAR_STEMS.findall(text))
+        return _TEMP_NAMES.findall(self.joined) if f"/{TEMP_PREFIX}" in self.joined else []
 
 
 def folder_identity(folder: str | os.PathLike[str]) -> Identity:
@@ -83,7 +84,28 @@ def folder_identity(folder: str | os.PathLike[str]) -> Identity:
 
 
 def scan_folder(folder: str | os.PathLike[str]) -> FolderScan:
-    """List ``folder`` once (one pass over its entries, inodes from the listing itself)."""
+    """List ``folder`` once: with the compiled extension in one native pass (a Python loop
+    over 20,000 entries costs more than the kernel's listing), else with ``os.scandir``."""
+    if not HAS_EXTENSION:
+        return scan_folder_python(folder)
+    identity = folder_identity(folder)
+    started = time.time_ns()
+    path = os.fspath(folder)
+    return _native_scan(identity, started, path, torch.ops.kasmina.scan_folder(path))
+
+
+def _native_scan(
+    identity: Identity, started: int, path: str, listing: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]
+) -> FolderScan:
+    joined, sidecar_joined, inodes, tidy, error = listing
+    if error:
+        raise OSError(error, os.strerror(error), path)
+    sidecars = dict(zip(_split_joined(os.fsdecode(sidecar_joined.numpy().tobytes())), inodes.tolist(), strict=True))
+    return FolderScan(identity, started, os.fsdecode(joined.numpy().tobytes()), sidecars, bool(tidy))
+
+
+def scan_folder_python(folder: str | os.PathLike[str]) -> FolderScan:
+    """:func:`scan_folder` in Python (inodes from the listing itself)."""
     identity = folder_identity(folder)
     started = time.time_ns()
     names: list[str] = []
@@ -94,7 +116,53 @@ def scan_folder(folder: str | os.PathLike[str]) -> FolderScan:
             names.append(name)
             if name[-5:] == ".json" and name[0] != ".":
                 sidecars[name] = entry.inode()
-    return FolderScan(identity, started, names, sidecars)
+    joined = f"/{'/'.join(names)}/" if names else "/"
+    return FolderScan(identity, started, joined, sidecars, _is_tidy(joined, names, sidecars))
+
+
+class _BackgroundScan:
+    """The native :func:`scan_folder`, run on another thread (it releases the GIL while it
+    lists) so that the caller can work meanwhile; ``result()`` waits for it."""
+
+    def __init__(self, folder: Path) -> None:
+        self._path = os.fspath(folder)
+        self._identity = folder_identity(folder)  # read before the listing starts
+        self._started = time.time_ns()
+        self._listing: tuple | None = None
+        self._error: BaseException | None = None
+        self._listing_starts = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kasmina-scan-folder", daemon=True)
+        self._thread.start()
+        # Wait until the thread is about to list (and so to release the GIL): a busy caller
+        # would otherwise hold the GIL, and the thread could not even start the listing.
+        self._listing_starts.wait()
+
+    def _run(self) -> None:
+        try:
+            scan = torch.ops.kasmina.scan_folder.default
+            self._listing_starts.set()
+            self._listing = scan(self._path)
+        except BaseException as exc:  # handed to the caller of result()
+            self._listing_starts.set()
+            self._error = exc
+
+    def result(self) -> FolderScan:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return _native_scan(self._identity, self._started, self._path, self._listing)  # type: ignore[arg-type]
+
+
+def _split_joined(joined: str) -> list[str]:
+    return joined[1:-1].split("/") if len(joined) > 1 else []
+
+
+def _is_tidy(joined: str, names: list[str], sidecars: dict[str, int]) -> bool:
+    if f"/{TEMP_PREFIX}" in joined or joined.count(".safetensors/") + joined.count(".pt/") != len(sidecars):
+        return False
+    # as many payloads as sidecars, and one for each sidecar: so exactly one each
+    present = set(names)
+    return all(f"{name[:-5]}.safetensors" in present or f"{name[:-5]}.pt" in present for name in sidecars)
 
 
 def newest_first(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
@@ -121,36 +189,58 @@ class _BrokenSnapshot(Exception):
 class _Snapshot:
     """The rows of a snapshot file, newest first; a row is decoded only when asked for.
 
-    File layout (UTF-8 text): a JSON header line ``{format, fields, count, crc32,
-    folder}``, then the JSON array of sidecar names, the JSON array of their inodes, the
-    JSON array of their seed keys, then one JSON array of field values per row (its
-    location is ignored: it is the index's own). ``crc32`` covers everything after the
-    header line. ``folder`` is the folder's identity when the rows were taken from a
-    settled scan of a tidy folder (see :meth:`FolderScan.is_tidy`), else null: while the
-    folder still has that identity, the rows are exactly its sidecars and the folder
-    needs no listing."""
+    File layout (UTF-8 text): a JSON header line ``{format, fields, count, crc32}``, then
+    the JSON array of sidecar names, the JSON array of their inodes, the JSON array of
+    their seed keys, then one JSON array of field values per row (its location is
+    ignored: it is the index's own). ``crc32`` covers everything after the header line.
 
-    __slots__ = ("_key_line", "_keys", "body", "decoded", "folder", "inodes", "location", "names", "rows")
+    ``folder`` is the folder's identity when the rows were taken from a settled scan of a
+    tidy folder (see :attr:`FolderScan.tidy`), else None: while the folder still has
+    that identity, the rows are exactly its sidecars and the folder needs no listing. It
+    is kept in a small file of its own next to the snapshot (``{format, crc32, folder}``,
+    see :func:`_vouch_path`), so vouching for an unchanged snapshot never rewrites the
+    snapshot; it counts only for the snapshot whose ``crc32`` it names."""
+
+    __slots__ = (
+        "_keys",
+        "_keys_start",
+        "_maps",
+        "_row_starts",
+        "_rows",
+        "_rows_start",
+        "crc32",
+        "data",
+        "decoded",
+        "folder",
+        "inodes",
+        "location",
+        "names",
+    )
 
     def __init__(
         self,
         names: list[str],
         inodes: list[int],
-        key_line: str,
-        rows: list[str],
         location: str,
         folder: list[int] | None,
-        body: bytes,
+        data: bytes,
+        crc32: int,
+        keys_start: int,
+        rows_start: int,
     ) -> None:
-        self.body = body  # the file after its header line, as read
+        self.data = data  # the whole file, as read (offsets below are into it)
+        self.crc32 = crc32
         self.folder = folder
         self.names = names
         self.inodes = inodes
-        self.rows = rows
         self.location = location
         self.decoded: dict[int, CheckpointInfo] = {}
-        self._key_line = key_line
         self._keys: list[str] | None = None
+        self._keys_start = keys_start  # where the key line starts, and the rows
+        self._rows_start = rows_start
+        self._row_starts = [rows_start]  # where the rows found so far start
+        self._rows: list[bytes] | None = None  # split from the data when all are needed
+        self._maps: tuple[dict[str, int], dict[str, int]] | None = None
 
     @classmethod
     def read(cls, path: Path, location: str) -> _Snapshot | None:
@@ -160,51 +250,52 @@ class _Snapshot:
             data = path.read_bytes()
             end = data.index(b"\n")
             header = json.loads(data[:end])
-            body = data[end + 1 :]
+            crc32 = zlib.crc32(memoryview(data)[end + 1 :])  # the body, not copied: 10,000 rows make MBs
             if (
                 header.get("format") != _CACHE_FORMAT
                 or header.get("fields") != list(CheckpointInfo._fields)
-                or header.get("crc32") != zlib.crc32(body)
+                or header.get("crc32") != crc32
             ):
                 return None
-            lines = body.decode().split("\n")
             count = header["count"]
-            names, inodes = json.loads(lines[0]), json.loads(lines[1])
-            if len(lines) != count + 3 or len(names) != count or len(inodes) != count:
+            names_end = data.index(b"\n", end + 1)
+            inodes_end = data.index(b"\n", names_end + 1)
+            keys_end = data.find(b"\n", inodes_end + 1)  # the rows start after it (none: no newline)
+            names, inodes = json.loads(data[end + 1 : names_end]), json.loads(data[names_end + 1 : inodes_end])
+            if (
+                type(names) is not list
+                or type(inodes) is not list
+                or len(names) != count
+                or len(inodes) != count
+                or (keys_end == -1) != (count == 0)
+            ):
                 return None
-            folder = header.get("folder")
-            if folder is not None and (type(folder) is not list or len(folder) != 4):
-                return None
-            return cls(names, inodes, lines[2], lines[3:], location, folder, body)
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
+        rows_start = (len(data) if count == 0 else keys_end) + 1
+        return cls(names, inodes, location, _vouched_folder(path, crc32), data, crc32, inodes_end + 1, rows_start)
 
     @staticmethod
-    def write(path: Path, names: list[str], inodes: list[int], keys: list[str], rows: list[str], folder: Identity | None) -> None:
+    def write(
+        path: Path, names: list[str], inodes: list[int], keys: list[str], rows: list[bytes], folder: Identity | None
+    ) -> None:
         """Write the columns of a snapshot (rows newest first) atomically; ``folder``: the
         identity of the folder they describe completely, if known."""
-        body = "\n".join([compact_json(names), compact_json(inodes), compact_json(keys), *rows]).encode()
-        _Snapshot._write_body(path, body, len(names), folder)
+        body = b"\n".join([compact_json(names).encode(), compact_json(inodes).encode(), compact_json(keys).encode(), *rows])
+        crc32 = zlib.crc32(body)
+        header = {"format": _CACHE_FORMAT, "fields": list(CheckpointInfo._fields), "count": len(names), "crc32": crc32}
+        atomic_write(path, [compact_json(header).encode(), b"\n", body], durable=False)
+        if folder is not None:
+            _write_vouch(path, crc32, folder)
 
     def certify(self, path: Path, folder: Identity) -> None:
-        """Rewrite this snapshot unchanged but for ``folder``: it describes that folder completely."""
-        _Snapshot._write_body(path, self.body, len(self.names), folder)
-
-    @staticmethod
-    def _write_body(path: Path, body: bytes, count: int, folder: Identity | None) -> None:
-        header = {
-            "format": _CACHE_FORMAT,
-            "fields": list(CheckpointInfo._fields),
-            "count": count,
-            "crc32": zlib.crc32(body),
-            "folder": None if folder is None else list(folder),
-        }
-        atomic_write(path, [compact_json(header).encode(), b"\n", body], durable=False)
+        """Record that this snapshot (written at ``path``) describes ``folder`` completely."""
+        _write_vouch(path, self.crc32, folder)
 
     def keys(self) -> list[str]:
         if self._keys is None:
             try:
-                keys = json.loads(self._key_line)
+                keys = json.loads(self.data[self._keys_start : self._rows_start - 1])
             except ValueError:
                 raise _BrokenSnapshot from None
             if not isinstance(keys, list) or len(keys) != len(self.names):
@@ -212,11 +303,47 @@ class _Snapshot:
             self._keys = keys
         return self._keys
 
+    def prepare_maps(self) -> None:
+        """Build what :meth:`take_maps` returns now (e.g. while a scan runs on another thread)."""
+        if self._maps is None:
+            self._maps = (
+                dict(zip(self.names, self.inodes, strict=True)),
+                dict(zip(self.names, range(len(self.names)), strict=True)),
+            )
+
+    def take_maps(self) -> tuple[dict[str, int], dict[str, int]]:
+        """({sidecar name: inode}, {sidecar name: row}), handed over to the caller."""
+        self.prepare_maps()
+        maps, self._maps = self._maps, None
+        return maps  # type: ignore[return-value]
+
+    def rows(self) -> list[bytes]:
+        """The rows' JSON lines, split from the data the first time they are all needed."""
+        if self._rows is None:
+            rows = self.data[self._rows_start :].split(b"\n") if self.names else []
+            if len(rows) != len(self.names):
+                raise _BrokenSnapshot
+            self._rows = rows
+        return self._rows
+
+    def _row(self, row: int) -> bytes:
+        """One row's JSON line, found by walking the lines only as far as it."""
+        if self._rows is not None:
+            return self._rows[row]
+        data, starts = self.data, self._row_starts
+        while len(starts) <= row:
+            end = data.find(b"\n", starts[-1])
+            if end == -1:
+                raise _BrokenSnapshot
+            starts.append(end + 1)
+        end = data.find(b"\n", starts[row])
+        return data[starts[row] : len(data) if end == -1 else end]
+
     def info(self, row: int) -> CheckpointInfo:
         info = self.decoded.get(row)
         if info is None:
             try:
-                values = json.loads(self.rows[row])  # every field; the location is this index's
+                values = json.loads(self._row(row))  # every field; the location is this index's
                 info = CheckpointInfo(*values[:-1], self.location)
             except (ValueError, TypeError, KeyError):
                 raise _BrokenSnapshot from None
@@ -229,6 +356,32 @@ class _Snapshot:
                 raise _BrokenSnapshot
             self.decoded[row] = info
         return info
+
+
+def _vouch_path(snapshot: Path) -> Path:
+    return snapshot.with_name(f"{snapshot.stem}.folder{snapshot.suffix}")
+
+
+def _write_vouch(snapshot: Path, crc32: int, folder: Identity) -> None:
+    vouch = {"format": _VOUCH_FORMAT, "crc32": crc32, "folder": list(folder)}
+    atomic_write(_vouch_path(snapshot), compact_json(vouch).encode(), durable=False)
+
+
+def _vouched_folder(snapshot: Path, crc32: int) -> list[int] | None:
+    vouch = _read_vouch(snapshot)
+    return vouch[1] if vouch is not None and vouch[0] == crc32 else None
+
+
+def _read_vouch(snapshot: Path) -> tuple[int, list[int]] | None:
+    """(crc32 of a snapshot's body, the folder identity vouched for it), if any."""
+    try:
+        vouch = json.loads(_vouch_path(snapshot).read_bytes())
+        crc32, folder = vouch["crc32"], vouch["folder"]
+        if vouch["format"] != _VOUCH_FORMAT or type(crc32) is not int or type(folder) is not list or len(folder) != 4:
+            return None
+        return crc32, folder
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 class SidecarIndex:
@@ -270,12 +423,21 @@ class SidecarIndex:
         identity = folder_identity(self.folder)
         if self._cache_unused:
             self._cache_unused = False
+            vouch = _read_vouch(self.cache_file)  # type: ignore[arg-type]
+            scan = None
+            if HAS_EXTENSION and (vouch is None or vouch[1] != list(identity)):
+                scan = _BackgroundScan(self.folder)  # the folder needs listing: read the snapshot meanwhile
             snapshot = _Snapshot.read(self.cache_file, self.location)  # type: ignore[arg-type]
-            if snapshot is not None and snapshot.folder == list(identity):
+            if scan is None and snapshot is not None and snapshot.folder == list(identity):
                 self._adopt_snapshot(snapshot, None)
                 self._identity, self._settled = identity, True
                 return None
             self._pending = snapshot
+            if scan is not None:
+                if snapshot is not None:
+                    snapshot.prepare_maps()
+                self._scan = scan.result()
+                return self._scan
         self._scan = scan_folder(self.folder)
         return self._scan
 
@@ -291,10 +453,9 @@ class SidecarIndex:
         if scan is None or scan.identity != identity or not scan.settled:
             scan = scan_folder(self.folder)
         seen = scan.sidecars
-        if snapshot is not None:
-            self._adopt_snapshot(snapshot, seen)
+        exact = snapshot is not None and self._adopt_snapshot(snapshot, seen)
         parsed = 0
-        if seen != self._inodes:
+        if not exact and seen != self._inodes:
             gone = [name for name, inode in self._inodes.items() if seen.get(name) != inode]
             if len(gone) > _MERGE_BY_SEARCH:
                 self._order = None  # cheaper to sort again than to keep it up to date one by one
@@ -318,7 +479,7 @@ class SidecarIndex:
             return
         if parsed >= _CACHE_AFTER_PARSING or (snapshot is not None and snapshot.folder != list(scan.identity)):
             # a snapshot that can vouch for the whole folder lets the next cold start skip listing it
-            complete = scan.settled and not self.unreadable and scan.is_tidy()
+            complete = scan.settled and not self.unreadable and scan.tidy
             if complete and snapshot is not None and not self._entries and len(self._live) == len(snapshot.names):
                 self._certify(snapshot, scan.identity)  # the index is the snapshot: only its header changes
             elif complete or parsed >= _CACHE_AFTER_PARSING:
@@ -334,14 +495,16 @@ class SidecarIndex:
         return parse_v1_sidecar(body, path, location=self.location)
 
     # -- the snapshot ----------------------------------------------------------------------
-    def _adopt_snapshot(self, snapshot: _Snapshot, seen: dict[str, int] | None) -> None:
+    def _adopt_snapshot(self, snapshot: _Snapshot, seen: dict[str, int] | None) -> bool:
         """Take the snapshot's rows whose sidecar name and inode match ``seen`` (every row
-        when ``seen`` is None: the folder is known to be what the snapshot describes)."""
-        pairs = dict(zip(snapshot.names, snapshot.inodes, strict=True))
+        when ``seen`` is None: the folder is known to be what the snapshot describes).
+        True when the index now holds exactly ``seen``."""
+        pairs, rows = snapshot.take_maps()
         if len(pairs) != len(snapshot.names):  # a name twice: not a snapshot this module wrote
-            return
-        if (seen is None or pairs == seen) and not self._inodes:  # the usual cold start
-            live = dict(zip(snapshot.names, range(len(pairs)), strict=True))
+            return False
+        exact = (seen is None or pairs == seen) and not self._inodes
+        if exact:  # the usual cold start
+            live = rows
             self._inodes = pairs
         else:
             live = {
@@ -354,6 +517,7 @@ class SidecarIndex:
         self._live = live
         self._order = None
         self._by_key = None
+        return exact
 
     def _drop_snapshot(self) -> None:
         """Forget everything the snapshot said; the next refresh parses those sidecars."""
@@ -380,21 +544,22 @@ class SidecarIndex:
             order = self._ordered()
             snapshot = self._snapshot
             keys = snapshot.keys() if snapshot is not None and self._live else []
+            snapshot_rows = snapshot.rows() if snapshot is not None and self._live else []
         except _BrokenSnapshot:
             return
         names: list[str] = []
         key_texts: list[str] = []
-        rows: list[str] = []
+        rows: list[bytes] = []
         for item in order:  # column by column: no object per row (many would keep the cyclic GC busy)
             if type(item) is int:
                 names.append(snapshot.names[item])  # type: ignore[union-attr]
                 key_texts.append(keys[item])
-                rows.append(snapshot.rows[item])  # type: ignore[union-attr]
+                rows.append(snapshot_rows[item])
             else:
                 info: CheckpointInfo = item  # type: ignore[assignment]
                 names.append(f"{info.checkpoint_id}.json")
                 key_texts.append(_info_key_text(info))
-                rows.append(compact_json(info))
+                rows.append(compact_json(info).encode())
         inodes = [self._inodes[name] for name in names]
         self._write_cache(lambda: _Snapshot.write(self.cache_file, names, inodes, key_texts, rows, folder))  # type: ignore[arg-type]
 

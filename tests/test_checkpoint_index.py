@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kasmina import checkpoint_index as ckpt_index
+from kasmina._extension import HAS_EXTENSION
 from kasmina.checkpoint import CheckpointInfo, CheckpointManager
 from kasmina.durable_io import TEMP_PREFIX
 
@@ -42,15 +43,25 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @pytest.fixture
 def listed_folders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Folders listed with os.scandir."""
+    """Folders listed with os.scandir or the index's (native) scan, on this thread or another."""
     folders: list[str] = []
-    real = os.scandir
-    monkeypatch.setattr(os, "scandir", lambda path: folders.append(os.fspath(path)) or real(path))
+    real_scandir, real_scan = os.scandir, ckpt_index.scan_folder
+
+    class RecordedBackgroundScan(ckpt_index._BackgroundScan):
+        def __init__(self, folder: Path) -> None:
+            folders.append(os.fspath(folder))
+            super().__init__(folder)
+
+    monkeypatch.setattr(os, "scandir", lambda path: folders.append(os.fspath(path)) or real_scandir(path))
+    monkeypatch.setattr(ckpt_index, "scan_folder", lambda path: folders.append(os.fspath(path)) or real_scan(path))
+    monkeypatch.setattr(ckpt_index, "_BackgroundScan", RecordedBackgroundScan)
     return folders
 
 
-def _snapshot_header(root: Path) -> dict:
-    return json.loads((root / ".index-cache-active.json").read_bytes().split(b"\n", 1)[0])
+def _vouched_folder(root: Path) -> list[int] | None:
+    """The folder identity the snapshot is vouched for, if any."""
+    snapshot = ckpt_index._Snapshot.read(root / ".index-cache-active.json", "active")
+    return None if snapshot is None else snapshot.folder
 
 
 def _truth(root: Path) -> list[CheckpointInfo]:
@@ -66,7 +77,7 @@ def _certified(root: Path, count: int = 6) -> list[str]:
     writer = CheckpointManager(root, durable=False)
     ids = [writer.save_checkpoint("L", i % 3, _state(i), priority="high") for i in range(count)]
     CheckpointManager(root).list_checkpoints()  # parses every sidecar and leaves the snapshot
-    assert _snapshot_header(root)["folder"] is not None
+    assert _vouched_folder(root) is not None
     # Folder times are coarse (a clock tick of up to 10 ms): a change in the same tick as the
     # snapshot's scan could keep them. Production code only trusts scans made 100 ms after
     # the last change (_SETTLE_NS, zero in these tests), so wait out the tick here.
@@ -137,8 +148,7 @@ def test_an_untidy_folder_is_always_listed_and_cleaned(tmp_path: Path, listed_fo
     (active / "L_seed0_1_1.safetensors").write_bytes(b"an unfinished save")  # payload without sidecar
     CheckpointManager(tmp_path).list_checkpoints()  # the temp file goes; the orphan payload stays
     assert not stale.exists()
-    header = _snapshot_header(tmp_path)
-    assert header["folder"] != list(ckpt_index.folder_identity(active))  # an orphan payload: no promise about the folder
+    assert _vouched_folder(tmp_path) != list(ckpt_index.folder_identity(active))  # an orphan payload: no promise about the folder
     listed_folders.clear()
     stale.write_bytes(b"partial")
     cold = CheckpointManager(tmp_path)
@@ -199,7 +209,7 @@ def test_an_index_started_from_a_snapshot_follows_saves_retention_and_deletes(tm
     for i in range(12):
         writer.save_checkpoint("L", i % 2, _state(i), priority="normal")
     CheckpointManager(tmp_path).list_checkpoints()  # leaves the snapshot
-    assert _snapshot_header(tmp_path)["folder"] is not None
+    assert _vouched_folder(tmp_path) is not None
     manager = CheckpointManager(tmp_path, max_checkpoints_per_seed=3)  # retention now archives the older rows
     new = [manager.save_checkpoint("L", i % 3, _state(100 + i)) for i in range(4)]
     listed = manager.list_checkpoints(limit=None)
@@ -222,7 +232,7 @@ def test_a_snapshot_is_recertified_after_a_change_that_left_the_sidecars_alone(
     reads.clear()
     CheckpointManager(tmp_path).list_checkpoints()  # lists the folder, matches every row, re-certifies
     assert reads == []
-    assert _snapshot_header(tmp_path)["folder"] == list(ckpt_index.folder_identity(active))
+    assert _vouched_folder(tmp_path) == list(ckpt_index.folder_identity(active))
     assert (tmp_path / ".index-cache-active.json").read_bytes().split(b"\n", 1)[1] == body
     truth = _truth(tmp_path)
     listed_folders.clear()
@@ -243,9 +253,38 @@ def test_a_snapshot_is_recertified_after_a_change_that_left_the_sidecars_alone(
         (["foreign.json"], False),
     ],
 )
-def test_only_a_tidy_folder_can_be_vouched_for(names: list[str], tidy: bool) -> None:
-    sidecars = {name: 1 for name in names if name.endswith(".json") and not name.startswith(".")}
-    assert ckpt_index.FolderScan((0, 0, 0, 0), 0, names, sidecars).is_tidy() is tidy
+def test_only_a_tidy_folder_can_be_vouched_for(tmp_path: Path, names: list[str], tidy: bool) -> None:
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    scans = [ckpt_index.scan_folder_python(tmp_path)]
+    if HAS_EXTENSION:
+        scans.append(ckpt_index.scan_folder(tmp_path))
+    sidecars = {name: (tmp_path / name).stat().st_ino for name in names if name.endswith(".json") and name[0] != "."}
+    for scan in scans:
+        assert scan.tidy is tidy
+        assert sorted(scan.names) == sorted(names)
+        assert scan.sidecars == sidecars
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the native scan needs the compiled extension")
+def test_the_native_scan_agrees_with_the_python_one(tmp_path: Path) -> None:
+    """Same names in the same order, same sidecar inodes, same verdict; odd names too."""
+    odd = ["ünïcode.json", "ünïcode.safetensors", "with space.json", "with space.pt", ".json", "x.json.tmp", "-.json"]
+    for name in odd:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / os.fsdecode(b"not-utf8-\xff.json")).write_bytes(b"")  # listed as surrogate escapes by both
+    (tmp_path / "sub.json").mkdir()  # a folder named like a sidecar counts as one, in both
+    for count in (0, 3, 500):
+        for i in range(count):
+            for ext in ("json", "safetensors"):
+                (tmp_path / f"L_seed{i}_1_{i}.{ext}").touch()
+        native, python = ckpt_index.scan_folder(tmp_path), ckpt_index.scan_folder_python(tmp_path)
+        assert (native.joined, native.sidecars, native.tidy) == (python.joined, python.sidecars, python.tidy)
+        assert native.names == python.names == [entry.name for entry in os.scandir(tmp_path)]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ckpt_index.scan_folder(tmp_path / "missing")
+    with pytest.raises(NotADirectoryError):
+        ckpt_index.scan_folder(tmp_path / "ünïcode.json")
 
 
 @pytest.mark.parametrize(
@@ -262,5 +301,5 @@ def test_a_scan_is_settled_only_when_no_later_change_can_keep_the_folder_times(
     monkeypatch: pytest.MonkeyPatch, mtime: int, ctime: int, age_ns: int, settled: bool
 ) -> None:
     monkeypatch.setattr(ckpt_index, "_SETTLE_NS", 100_000_000)  # the real value (the fixture zeroes it)
-    scan = ckpt_index.FolderScan((1, 2, mtime, ctime), max(mtime, ctime) + age_ns, [], {})
+    scan = ckpt_index.FolderScan((1, 2, mtime, ctime), max(mtime, ctime) + age_ns, "/", {}, True)
     assert scan.settled is settled
