@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 import kasmina
 from kasmina import checkpoint as ckpt
 from kasmina import checkpoint_index as ckpt_index
+from kasmina import checkpoint_scan as ckpt_scan
 from kasmina.checkpoint import (
     CheckpointCorruptError,
     CheckpointManager,
@@ -505,7 +506,7 @@ def test_interrupted_archive_moves_are_finished_on_open(tmp_path: Path) -> None:
 
 
 def test_index_is_cached_and_follows_other_writers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ckpt_index, "_SETTLE_NS", 0)  # a folder counts as settled at once (no racy window in the test)
+    monkeypatch.setattr(ckpt_scan, "SETTLE_NS", 0)  # a folder counts as settled at once (no racy window in the test)
     reads: list[str] = []
     real_read = ckpt_index.SidecarIndex._read
     monkeypatch.setattr(ckpt_index.SidecarIndex, "_read", lambda self, path: reads.append(path.name) or real_read(self, path))

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from kasmina import checkpoint_index as ckpt_index
+from kasmina import checkpoint_scan as ckpt_scan
+from kasmina import checkpoint_snapshot as ckpt_snapshot
 from kasmina._extension import HAS_EXTENSION
 from kasmina.checkpoint import CheckpointInfo, CheckpointManager
 from kasmina.durable_io import TEMP_PREFIX
@@ -28,7 +30,7 @@ def _state(value: int) -> dict:
 
 @pytest.fixture(autouse=True)
 def small_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ckpt_index, "_SETTLE_NS", 0)  # every scan counts as settled (no timing in tests)
+    monkeypatch.setattr(ckpt_scan, "SETTLE_NS", 0)  # every scan counts as settled (no timing in tests)
     monkeypatch.setattr(ckpt_index, "_CACHE_AFTER_PARSING", 2)
 
 
@@ -47,20 +49,20 @@ def listed_folders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     folders: list[str] = []
     real_scandir, real_scan = os.scandir, ckpt_index.scan_folder
 
-    class RecordedBackgroundScan(ckpt_index._BackgroundScan):
+    class RecordedBackgroundScan(ckpt_scan.BackgroundScan):
         def __init__(self, folder: Path) -> None:
             folders.append(os.fspath(folder))
             super().__init__(folder)
 
     monkeypatch.setattr(os, "scandir", lambda path: folders.append(os.fspath(path)) or real_scandir(path))
     monkeypatch.setattr(ckpt_index, "scan_folder", lambda path: folders.append(os.fspath(path)) or real_scan(path))
-    monkeypatch.setattr(ckpt_index, "_BackgroundScan", RecordedBackgroundScan)
+    monkeypatch.setattr(ckpt_index, "BackgroundScan", RecordedBackgroundScan)
     return folders
 
 
 def _vouched_folder(root: Path) -> list[int] | None:
     """The folder identity the snapshot is vouched for, if any."""
-    snapshot = ckpt_index._Snapshot.read(root / ".index-cache-active.json", "active")
+    snapshot = ckpt_snapshot.Snapshot.read(root / ".index-cache-active.json", "active")
     return None if snapshot is None else snapshot.folder
 
 
@@ -80,7 +82,7 @@ def _certified(root: Path, count: int = 6) -> list[str]:
     assert _vouched_folder(root) is not None
     # Folder times are coarse (a clock tick of up to 10 ms): a change in the same tick as the
     # snapshot's scan could keep them. Production code only trusts scans made 100 ms after
-    # the last change (_SETTLE_NS, zero in these tests), so wait out the tick here.
+    # the last change (SETTLE_NS, zero in these tests), so wait out the tick here.
     time.sleep(0.02)
     return ids
 
@@ -148,7 +150,7 @@ def test_an_untidy_folder_is_always_listed_and_cleaned(tmp_path: Path, listed_fo
     (active / "L_seed0_1_1.safetensors").write_bytes(b"an unfinished save")  # payload without sidecar
     CheckpointManager(tmp_path).list_checkpoints()  # the temp file goes; the orphan payload stays
     assert not stale.exists()
-    assert _vouched_folder(tmp_path) != list(ckpt_index.folder_identity(active))  # an orphan payload: no promise about the folder
+    assert _vouched_folder(tmp_path) != list(ckpt_scan.folder_identity(active))  # an orphan payload: no promise about the folder
     listed_folders.clear()
     stale.write_bytes(b"partial")
     cold = CheckpointManager(tmp_path)
@@ -232,7 +234,7 @@ def test_a_snapshot_is_recertified_after_a_change_that_left_the_sidecars_alone(
     reads.clear()
     CheckpointManager(tmp_path).list_checkpoints()  # lists the folder, matches every row, re-certifies
     assert reads == []
-    assert _vouched_folder(tmp_path) == list(ckpt_index.folder_identity(active))
+    assert _vouched_folder(tmp_path) == list(ckpt_scan.folder_identity(active))
     assert (tmp_path / ".index-cache-active.json").read_bytes().split(b"\n", 1)[1] == body
     truth = _truth(tmp_path)
     listed_folders.clear()
@@ -256,9 +258,9 @@ def test_a_snapshot_is_recertified_after_a_change_that_left_the_sidecars_alone(
 def test_only_a_tidy_folder_can_be_vouched_for(tmp_path: Path, names: list[str], tidy: bool) -> None:
     for name in names:
         (tmp_path / name).write_bytes(b"")
-    scans = [ckpt_index.scan_folder_python(tmp_path)]
+    scans = [ckpt_scan.scan_folder_python(tmp_path)]
     if HAS_EXTENSION:
-        scans.append(ckpt_index.scan_folder(tmp_path))
+        scans.append(ckpt_scan.scan_folder(tmp_path))
     sidecars = {name: (tmp_path / name).stat().st_ino for name in names if name.endswith(".json") and name[0] != "."}
     for scan in scans:
         assert scan.tidy is tidy
@@ -278,13 +280,13 @@ def test_the_native_scan_agrees_with_the_python_one(tmp_path: Path) -> None:
         for i in range(count):
             for ext in ("json", "safetensors"):
                 (tmp_path / f"L_seed{i}_1_{i}.{ext}").touch()
-        native, python = ckpt_index.scan_folder(tmp_path), ckpt_index.scan_folder_python(tmp_path)
+        native, python = ckpt_scan.scan_folder(tmp_path), ckpt_scan.scan_folder_python(tmp_path)
         assert (native.joined, native.sidecars, native.tidy) == (python.joined, python.sidecars, python.tidy)
         assert native.names == python.names == [entry.name for entry in os.scandir(tmp_path)]
     with pytest.raises(FileNotFoundError, match="missing"):
-        ckpt_index.scan_folder(tmp_path / "missing")
+        ckpt_scan.scan_folder(tmp_path / "missing")
     with pytest.raises(NotADirectoryError):
-        ckpt_index.scan_folder(tmp_path / "ünïcode.json")
+        ckpt_scan.scan_folder(tmp_path / "ünïcode.json")
 
 
 @pytest.mark.parametrize(
@@ -300,6 +302,6 @@ def test_the_native_scan_agrees_with_the_python_one(tmp_path: Path) -> None:
 def test_a_scan_is_settled_only_when_no_later_change_can_keep_the_folder_times(
     monkeypatch: pytest.MonkeyPatch, mtime: int, ctime: int, age_ns: int, settled: bool
 ) -> None:
-    monkeypatch.setattr(ckpt_index, "_SETTLE_NS", 100_000_000)  # the real value (the fixture zeroes it)
-    scan = ckpt_index.FolderScan((1, 2, mtime, ctime), max(mtime, ctime) + age_ns, "/", {}, True)
+    monkeypatch.setattr(ckpt_scan, "SETTLE_NS", 100_000_000)  # the real value (the fixture zeroes it)
+    scan = ckpt_scan.FolderScan((1, 2, mtime, ctime), max(mtime, ctime) + age_ns, "/", {}, True)
     assert scan.settled is settled
