@@ -287,6 +287,11 @@ def test_the_native_scan_agrees_with_the_python_one(tmp_path: Path) -> None:
         ckpt_scan.scan_folder(tmp_path / "missing")
     with pytest.raises(NotADirectoryError):
         ckpt_scan.scan_folder(tmp_path / "ünïcode.json")
+    # the same listing on another thread, as a cold start runs it while it reads the snapshot
+    background = ckpt_scan.BackgroundScan(tmp_path).result()
+    assert (background.joined, background.sidecars, background.tidy) == (native.joined, native.sidecars, native.tidy)
+    with pytest.raises(NotADirectoryError):
+        ckpt_scan.BackgroundScan(tmp_path / "ünïcode.json").result()
 
 
 @pytest.mark.parametrize(
