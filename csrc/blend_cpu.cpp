@@ -73,21 +73,40 @@ struct Run {
   bool active;
 };
 
-// Per-call layout: feature weights, runs, chunk boundaries and the tiling.
+// Per-thread buffers, reused by every call on the thread and never freed: a call allocates
+// nothing on the heap but its outputs. Buffers of a few KB allocated and freed by every
+// call landed in the hole the previous call's freed output had left, so each output (64-byte
+// aligned: it needs a little more than that hole) came from other memory, cycling through
+// four 4 MB blocks where torch.lerp reuses one that is still in the cache.
+template <typename T, int Slot>
+std::vector<T>& scratch_vector() {
+  thread_local std::vector<T> buffer;
+  return buffer;
+}
+
+template <typename T, int Slot>
+T* scratch(size_t n) {
+  std::vector<T>& buffer = scratch_vector<T, Slot>();
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// Per-call layout: feature weights, runs, chunk boundaries and the tiling (in scratch).
 template <typename acc_t>
 struct Layout {
   int64_t rows, dim, num_chunks;
-  std::vector<acc_t> weight;    // alpha of each feature's chunk
-  std::vector<int64_t> begins;  // chunk s is [begins[s], begins[s + 1])
-  std::vector<Run> runs;
+  acc_t* weight;                 // alpha of each feature's chunk
+  int64_t* begins;               // chunk s is [begins[s], begins[s + 1])
+  std::vector<Run>& runs;
   int64_t tile_rows, tile_cols, row_tiles, col_tiles, num_tasks;
 
   Layout(const acc_t* alpha, int64_t rows_, int64_t dim_, int64_t num_chunks_, int64_t tile_elements)
-      : rows(rows_), dim(dim_), num_chunks(num_chunks_), weight(static_cast<size_t>(dim_)),
-        begins(static_cast<size_t>(num_chunks_ + 1)) {
+      : rows(rows_), dim(dim_), num_chunks(num_chunks_), weight(scratch<acc_t, 0>(static_cast<size_t>(dim_))),
+        begins(scratch<int64_t, 1>(static_cast<size_t>(num_chunks_ + 1))), runs(scratch_vector<Run, 2>()) {
+    runs.clear();
     for (int64_t s = 0; s <= num_chunks; ++s) begins[s] = chunk_begin(s, dim, num_chunks);
     for (int64_t s = 0; s < num_chunks; ++s) {
-      std::fill(weight.begin() + begins[s], weight.begin() + begins[s + 1], alpha[s]);
+      std::fill(weight + begins[s], weight + begins[s + 1], alpha[s]);
       const bool active = chunk_active(alpha[s]);
       if (!runs.empty() && runs.back().active == active) {
         runs.back().end = begins[s + 1];
@@ -322,7 +341,7 @@ void forward_kernel(const BlendArgs& a, at::Tensor& out) {
   const scalar_t* bp = a.blueprint.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, a.num_chunks, kTileElements);
-  const acc_t* weight = layout.weight.data();
+  const acc_t* weight = layout.weight;
   const bool stream = streams_outputs(3 * a.rows * a.dim * static_cast<int64_t>(sizeof(scalar_t)));
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t) {
     for (int64_t row = r0; row < r1; ++row) {
@@ -400,17 +419,18 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
   scalar_t* gp = NP ? grad_bp.data_ptr<scalar_t>() : nullptr;
   const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, a.num_chunks,
                              NA ? kSumTileElements : kTileElements);
-  const acc_t* weight = layout.weight.data();
+  const acc_t* weight = layout.weight;
   const int64_t S = a.num_chunks;
-  std::vector<double> partials(NA ? static_cast<size_t>(layout.num_tasks * S) : 0, 0.0);
+  double* partials = NA ? scratch<double, 3>(static_cast<size_t>(layout.num_tasks * S)) : nullptr;
+  if constexpr (NA) std::fill(partials, partials + layout.num_tasks * S, 0.0);
 
   // Per-feature sums of the current tile, one buffer per task (a task runs its tiles in turn).
-  std::vector<acc_t> colsums(NA ? static_cast<size_t>(layout.num_tasks * layout.tile_cols) : 0);
+  acc_t* colsums = NA ? scratch<acc_t, 4>(static_cast<size_t>(layout.num_tasks * layout.tile_cols)) : nullptr;
   const int64_t streams = 3 + (NB ? 1 : 0) + (NP ? 1 : 0);
   const bool stream = streams_outputs(streams * a.rows * a.dim * static_cast<int64_t>(sizeof(scalar_t)));
 
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t task) {
-    acc_t* colsum = NA ? colsums.data() + task * layout.tile_cols : nullptr;
+    acc_t* colsum = NA ? colsums + task * layout.tile_cols : nullptr;
     if constexpr (NA) std::fill(colsum, colsum + (c1 - c0), acc_t(0));
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t offset = row * a.dim;
@@ -431,7 +451,7 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
     }
     if (stream) stream_fence();
     if constexpr (NA) {
-      double* partial = partials.data() + task * S;
+      double* partial = partials + task * S;
       for (int64_t s = chunk_of(c0, a.dim, S); s < S && layout.begins[s] < c1; ++s) {
         if (!chunk_active(weight[layout.begins[s]])) continue;
         double sum = 0.0;
@@ -443,15 +463,20 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
     }
   });
 
-  if constexpr (NA) {
-    at::Tensor sums = at::empty({S}, a.alpha.options());
-    acc_t* out = sums.data_ptr<acc_t>();
+  if constexpr (NA) {  // grad_alpha has alpha's dtype: float32, or float64 (then acc_t is double too)
+    const bool float64 = grad_alpha.scalar_type() == at::kDouble;
+    double* out64 = float64 ? grad_alpha.data_ptr<double>() : nullptr;
+    float* out32 = float64 ? nullptr : grad_alpha.data_ptr<float>();
     for (int64_t s = 0; s < S; ++s) {
       double total = 0.0;
-      for (int64_t task = 0; task < layout.num_tasks; ++task) total += partials[static_cast<size_t>(task * S + s)];
-      out[s] = static_cast<acc_t>(total);
+      for (int64_t task = 0; task < layout.num_tasks; ++task) total += partials[task * S + s];
+      const acc_t sum = static_cast<acc_t>(total);
+      if (float64) {
+        out64[s] = static_cast<double>(sum);
+      } else {
+        out32[s] = static_cast<float>(sum);
+      }
     }
-    grad_alpha.copy_(sums);
   }
 }
 
