@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -84,11 +85,16 @@ std::vector<T>& scratch_vector() {
   return buffer;
 }
 
+// n elements of scratch, 64-byte aligned like tensor memory (vector loads of a buffer
+// that is only 16-byte aligned would split cache lines).
 template <typename T, int Slot>
 T* scratch(size_t n) {
   std::vector<T>& buffer = scratch_vector<T, Slot>();
-  if (buffer.size() < n) buffer.resize(n);
-  return buffer.data();
+  const size_t pad = 64 / sizeof(T);
+  if (buffer.size() < n + pad) buffer.resize(n + pad);
+  void* start = buffer.data();
+  size_t space = buffer.size() * sizeof(T);
+  return static_cast<T*>(std::align(64, n * sizeof(T), start, space));
 }
 
 // Per-call layout: feature weights, runs, chunk boundaries and the tiling (in scratch).
