@@ -41,6 +41,8 @@
 
 #include "blend_args.h"
 #include "blend_step.h"
+#include "cpu_loop.h"
+#include "scratch.h"
 
 namespace kasmina {
 namespace blend {
@@ -48,20 +50,6 @@ namespace {
 
 // The run loops stay out of line: inlined into the tile lambdas they lose their
 // __restrict__ guarantees, and GCC then reloads every pointer from the stack per vector.
-#if defined(__GNUC__)
-#define KASMINA_NOINLINE __attribute__((noinline))
-#else
-#define KASMINA_NOINLINE
-#endif
-
-// The element loops are compiled twice, for AVX2 and for baseline x86-64 (SSE2), and the
-// loader picks one for the machine (GCC target_clones, an ifunc). AVX2 only, not FMA: a
-// fused multiply-add rounds differently from the CUDA kernels and the reference.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define KASMINA_RUN_LOOP __attribute__((noinline, target_clones("avx2", "default")))
-#else
-#define KASMINA_RUN_LOOP KASMINA_NOINLINE
-#endif
 
 constexpr int64_t kTileElements = 1 << 15;
 constexpr int64_t kSumTileElements = 1 << 17;
@@ -73,29 +61,6 @@ struct Run {
   int64_t end;
   bool active;
 };
-
-// Per-thread buffers, reused by every call on the thread and never freed: a call allocates
-// nothing on the heap but its outputs. Buffers of a few KB allocated and freed by every
-// call landed in the hole the previous call's freed output had left, so each output (64-byte
-// aligned: it needs a little more than that hole) came from other memory, cycling through
-// four 4 MB blocks where torch.lerp reuses one that is still in the cache.
-template <typename T, int Slot>
-std::vector<T>& scratch_vector() {
-  thread_local std::vector<T> buffer;
-  return buffer;
-}
-
-// n elements of scratch, 64-byte aligned like tensor memory (vector loads of a buffer
-// that is only 16-byte aligned would split cache lines).
-template <typename T, int Slot>
-T* scratch(size_t n) {
-  std::vector<T>& buffer = scratch_vector<T, Slot>();
-  const size_t pad = 64 / sizeof(T);
-  if (buffer.size() < n + pad) buffer.resize(n + pad);
-  void* start = buffer.data();
-  size_t space = buffer.size() * sizeof(T);
-  return static_cast<T*>(std::align(64, n * sizeof(T), start, space));
-}
 
 // Per-call layout: feature weights, runs, chunk boundaries and the tiling (in scratch).
 template <typename acc_t>

@@ -37,6 +37,8 @@ TORCH_LIBRARY(kasmina, m) {
       "int num_chunks, bool need_base, bool need_blueprint, bool need_alpha) -> (Tensor, Tensor, Tensor)");
   // Bytes above which a CPU blend call streams its outputs past the cache (blend_cpu.cpp).
   m.def("blend_stream_min_bytes() -> int");
+  // Per-chunk mean of x and of x * x over a (rows, dim) float32 tensor (telemetry_cpu.cpp).
+  m.def("chunk_moments(Tensor values, int num_chunks) -> Tensor");
   // One listing of a checkpoint folder (folder_scan.cpp, kasmina/checkpoint_index.py).
   m.def("scan_folder(str path) -> (Tensor, Tensor, Tensor, int, int)");
 }

@@ -193,3 +193,18 @@ def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.
     # nor any gradient.
     p = torch.where(active, blueprint_out.to(acc), b)
     return torch.where(active, b + weight * (p - b), b).to(base.dtype)
+
+
+# ---- telemetry --------------------------------------------------------------------
+
+
+def chunk_moments(values: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """(2, num_chunks) float32: the mean of ``values`` and of its square over every row
+    and every feature of each chunk (chunks as in :func:`chunk_widths`) of a (rows, dim)
+    float32 tensor; NaN without rows."""
+    rows, dim = values.shape
+    # Column sums reduce along contiguous rows (far faster than a reduction over dim 0 per chunk).
+    columns = torch.stack((values.sum(0), (values * values).sum(0)))
+    sums = columns.new_zeros((2, num_chunks)).index_add_(1, chunk_index(dim, num_chunks, values.device), columns)
+    counts = torch.tensor(chunk_widths(dim, num_chunks), dtype=torch.float32, device=values.device) * rows
+    return sums / counts

@@ -176,3 +176,32 @@ if HAS_EXTENSION:
             return out
 
         backward = staticmethod(_chunked_blend_backward)
+
+
+# ---- telemetry --------------------------------------------------------------------
+
+__all__ += ["chunk_moments"]
+
+
+def chunk_moments(values: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """(2, num_chunks) float32: the mean of ``values`` and of its square over every row
+    and every feature of each chunk of a (rows, dim) float32 tensor, chunks as in
+    :func:`chunked_blend`; NaN when there are no rows. One pass on CPU (the compiled
+    kernel); other devices use the pure-torch version."""
+    if values.dim() != 2:
+        raise ValueError(f"chunk_moments: values must be (rows, dim), got shape {tuple(values.shape)}")
+    if values.dtype != torch.float32:
+        raise TypeError(f"chunk_moments: values must be float32, got {values.dtype}")
+    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or not 1 <= num_chunks <= values.shape[1]:
+        raise ValueError(f"chunk_moments: num_chunks must be an int in [1, {values.shape[1]}], got {num_chunks!r}")
+    if HAS_EXTENSION and (values.is_cpu or values.is_meta):
+        return _CHUNK_MOMENTS_OP(values, num_chunks)
+    return _reference.chunk_moments(values, num_chunks)
+
+
+if HAS_EXTENSION:
+    _CHUNK_MOMENTS_OP = torch.ops.kasmina.chunk_moments.default
+
+    @torch.library.register_fake("kasmina::chunk_moments")
+    def _chunk_moments_fake(values, num_chunks):
+        return values.new_empty((2, num_chunks))
