@@ -203,8 +203,10 @@ def chunk_moments(values: torch.Tensor, num_chunks: int) -> torch.Tensor:
     and every feature of each chunk (chunks as in :func:`chunk_widths`) of a (rows, dim)
     float32 tensor; NaN without rows."""
     rows, dim = values.shape
-    # Column sums reduce along contiguous rows (far faster than a reduction over dim 0 per chunk).
+    # Column sums reduce along contiguous rows (far faster than a reduction over dim 0 per
+    # chunk); then the wide chunks and the narrow ones are each one reshape.
     columns = torch.stack((values.sum(0), (values * values).sum(0)))
-    sums = columns.new_zeros((2, num_chunks)).index_add_(1, chunk_index(dim, num_chunks, values.device), columns)
-    counts = torch.tensor(chunk_widths(dim, num_chunks), dtype=torch.float32, device=values.device) * rows
-    return sums / counts
+    q, r = divmod(dim, num_chunks)
+    wide = columns[:, : r * (q + 1)].reshape(2, r, q + 1).sum(2) / ((q + 1) * rows)
+    narrow = columns[:, r * (q + 1) :].reshape(2, num_chunks - r, q).sum(2) / (q * rows)
+    return torch.cat((wide, narrow), 1)

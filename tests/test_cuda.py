@@ -1,6 +1,6 @@
 """Every kasmina op on CUDA against the CPU op: chunked_blend forward/backward in every
 dtype and layout, apply_transitions / step_epoch / state_summary on random batches with
-duplicates. Skipped, with the reason shown, where no CUDA device is present."""
+duplicates, chunk_moments. Skipped, with the reason shown, where no CUDA device is present."""
 
 from __future__ import annotations
 
@@ -227,3 +227,14 @@ def test_step_epoch_and_state_summary_cuda_match_cpu(num_seeds) -> None:
     assert torch.equal(torch.ops.kasmina.state_summary(gpu).cpu(), torch.ops.kasmina.state_summary(state))
     if num_seeds >= 3:
         assert (state[:3, tables.StateColumn.EPOCHS_IN_STATE] == INT32_MAX).all()  # saturated, not wrapped
+
+
+# ---- telemetry ----------------------------------------------------------------------
+
+
+def test_chunk_moments_cuda_matches_cpu() -> None:
+    """No CUDA kernel: CUDA tensors take the pure-torch version, which must agree."""
+    values = torch.randn(300, 1000, generator=torch.Generator().manual_seed(4))
+    on_gpu = ops.chunk_moments(values.cuda(), 7)
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), ops.chunk_moments(values, 7), rtol=1e-5, atol=1e-6)
