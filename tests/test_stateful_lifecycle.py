@@ -236,10 +236,12 @@ class LifecycleMachine(RuleBasedStateMachine):
         self._single(seed, edge[0], edge[1], passing_metrics(edge, self.model.params))
         assert self.model.seeds[seed].state == edge[1]
 
-    @precondition(lambda self: any(self._next_edge(s) is not None for s in range(NUM_SEEDS)))
     @rule(moves=st.integers(1, 6))
     def explore(self, moves: int) -> None:
-        """Steer the seed nearest to an edge not taken yet towards it, several moves."""
+        """Steer the seed nearest to an edge not taken yet towards it, several moves (none
+        when every reachable edge is taken). No precondition: it would read EDGES_TAKEN,
+        which outlives an example, and Hypothesis must find the same rules enabled when it
+        replays one (else FlakyStrategyDefinition)."""
         for _ in range(moves):
             options = [(found[0], seed, found[1]) for seed in range(NUM_SEEDS) if (found := self._next_edge(seed))]
             if not options:
