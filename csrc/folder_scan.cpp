@@ -31,9 +31,9 @@ bool ends_with(std::string_view name, std::string_view suffix) {
 
 bool is_sidecar(std::string_view name) { return !name.empty() && name.front() != '.' && ends_with(name, ".json"); }
 
-// The name without ".safetensors" or ".pt"; is_payload() when it has one of them.
 bool is_payload(std::string_view name) { return ends_with(name, ".safetensors") || ends_with(name, ".pt"); }
 
+// A payload's name without ".safetensors" or ".pt".
 std::string_view payload_stem(std::string_view name) {
   return name.substr(0, name.size() - (ends_with(name, ".pt") ? 3 : 12));
 }

@@ -63,7 +63,8 @@ from .checkpoint_format import (
     load_json,
     parse_sidecar,
 )
-from .checkpoint_index import FolderScan, SeedKey, SidecarIndex, newest_first
+from .checkpoint_index import SeedKey, SidecarIndex, newest_first
+from .checkpoint_scan import FolderScan
 from .checkpoint_v1 import V1_ID_RE, info_from_v1, load_v1, parse_v1_sidecar
 from .durable_io import TempFile, atomic_write, clean_stale_temps, fsync_dir, is_temp_name, publish
 

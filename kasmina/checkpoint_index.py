@@ -13,7 +13,7 @@ from .checkpoint_scan import BackgroundScan, FolderScan, Identity, folder_identi
 from .checkpoint_snapshot import BrokenSnapshot, Snapshot, read_vouch
 from .checkpoint_v1 import parse_v1_sidecar
 
-__all__ = ["FolderScan", "SeedKey", "SidecarIndex", "newest_first"]
+__all__ = ["SeedKey", "SidecarIndex", "newest_first"]
 
 SeedKey = tuple[str, str, int | None]  # (layer_id, kind, seed_id)
 _CACHE_AFTER_PARSING = 256  # a refresh that had to read this many sidecars leaves a snapshot
@@ -83,7 +83,7 @@ class SidecarIndex:
             scan = None
             if HAS_EXTENSION and (vouch is None or vouch[1] != list(identity)):
                 scan = BackgroundScan(self.folder)  # the folder needs listing: read the snapshot meanwhile
-            snapshot = Snapshot.read(self.cache_file, self.location)  # type: ignore[arg-type]
+            snapshot = Snapshot.read(self.cache_file, self.location, vouch)  # type: ignore[arg-type]
             if scan is None and snapshot is not None and snapshot.folder == list(identity):
                 self._adopt_snapshot(snapshot, None)
                 self._identity, self._settled = identity, True
@@ -103,7 +103,7 @@ class SidecarIndex:
             return
         if self._cache_unused:  # refreshed without open()
             self._cache_unused = False
-            self._pending = Snapshot.read(self.cache_file, self.location)  # type: ignore[arg-type]
+            self._pending = Snapshot.read(self.cache_file, self.location, read_vouch(self.cache_file))  # type: ignore[arg-type]
         snapshot, self._pending = self._pending, None
         scan, self._scan = self._scan, None
         if scan is None or scan.identity != identity or not scan.settled:
@@ -137,7 +137,7 @@ class SidecarIndex:
             # a snapshot that can vouch for the whole folder lets the next cold start skip listing it
             complete = scan.settled and not self.unreadable and scan.tidy
             if complete and snapshot is not None and not self._entries and len(self._live) == len(snapshot.names):
-                self._certify(snapshot, scan.identity)  # the index is the snapshot: only its header changes
+                self._certify(snapshot, scan.identity)  # the index is the snapshot: only its vouch is written
             elif complete or parsed >= _CACHE_AFTER_PARSING:
                 self._save_cache(scan.identity if complete else None)
 

@@ -41,7 +41,6 @@ class Snapshot:
         "_maps",
         "_row_starts",
         "_rows",
-        "_rows_start",
         "crc32",
         "data",
         "decoded",
@@ -70,16 +69,15 @@ class Snapshot:
         self.location = location
         self.decoded: dict[int, CheckpointInfo] = {}
         self._keys: list[str] | None = None
-        self._keys_start = keys_start  # where the key line starts, and the rows
-        self._rows_start = rows_start
-        self._row_starts = [rows_start]  # where the rows found so far start
+        self._keys_start = keys_start  # where the key line starts
+        self._row_starts = [rows_start]  # where the rows found so far start (the first: the rows)
         self._rows: list[bytes] | None = None  # split from the data when all are needed
         self._maps: tuple[dict[str, int], dict[str, int]] | None = None
 
     @classmethod
-    def read(cls, path: Path, location: str) -> Snapshot | None:
+    def read(cls, path: Path, location: str, vouch: tuple[int, list[int]] | None) -> Snapshot | None:
         """The snapshot in ``path``, or None when it is missing, of another format, or
-        damaged in any way."""
+        damaged in any way; ``vouch``: what :func:`read_vouch` found next to it."""
         try:
             data = path.read_bytes()
             end = data.index(b"\n")
@@ -107,7 +105,8 @@ class Snapshot:
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
         rows_start = (len(data) if count == 0 else keys_end) + 1
-        return cls(names, inodes, location, _vouched_folder(path, crc32), data, crc32, inodes_end + 1, rows_start)
+        folder = vouch[1] if vouch is not None and vouch[0] == crc32 else None
+        return cls(names, inodes, location, folder, data, crc32, inodes_end + 1, rows_start)
 
     @staticmethod
     def write(
@@ -129,7 +128,7 @@ class Snapshot:
     def keys(self) -> list[str]:
         if self._keys is None:
             try:
-                keys = json.loads(self.data[self._keys_start : self._rows_start - 1])
+                keys = json.loads(self.data[self._keys_start : self._row_starts[0] - 1])
             except ValueError:
                 raise BrokenSnapshot from None
             if not isinstance(keys, list) or len(keys) != len(self.names):
@@ -154,7 +153,7 @@ class Snapshot:
     def rows(self) -> list[bytes]:
         """The rows' JSON lines, split from the data the first time they are all needed."""
         if self._rows is None:
-            rows = self.data[self._rows_start :].split(b"\n") if self.names else []
+            rows = self.data[self._row_starts[0] :].split(b"\n") if self.names else []
             if len(rows) != len(self.names):
                 raise BrokenSnapshot
             self._rows = rows
@@ -199,11 +198,6 @@ def _vouch_path(snapshot: Path) -> Path:
 def _write_vouch(snapshot: Path, crc32: int, folder: Identity) -> None:
     vouch = {"format": _VOUCH_FORMAT, "crc32": crc32, "folder": list(folder)}
     atomic_write(_vouch_path(snapshot), compact_json(vouch).encode(), durable=False)
-
-
-def _vouched_folder(snapshot: Path, crc32: int) -> list[int] | None:
-    vouch = read_vouch(snapshot)
-    return vouch[1] if vouch is not None and vouch[0] == crc32 else None
 
 
 def read_vouch(snapshot: Path) -> tuple[int, list[int]] | None:

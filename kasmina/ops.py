@@ -104,9 +104,9 @@ def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.
     ``torch.compile(fullgraph=True)``. Raises ValueError/TypeError for mismatched shapes,
     devices or dtypes, a wrong alpha length, or ``num_chunks`` outside ``[1, D]``.
 
-    On CPU, a call that moves more bytes than the last-level cache holds writes its output
-    with non-temporal stores (past the cache); ``KASMINA_STREAM_MIN_BYTES`` sets that size
-    and ``kasmina info`` shows it.
+    On CPU, a call that moves more bytes than the last-level cache holds writes the output
+    of its runs of 1 KB or more with non-temporal stores (past the cache);
+    ``KASMINA_STREAM_MIN_BYTES`` sets that size and ``kasmina info`` shows it.
     """
     if not compiled_serves(base):
         return _reference.chunked_blend(base, blueprint_out, alpha, num_chunks)

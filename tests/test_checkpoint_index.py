@@ -62,7 +62,8 @@ def listed_folders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def _vouched_folder(root: Path) -> list[int] | None:
     """The folder identity the snapshot is vouched for, if any."""
-    snapshot = ckpt_snapshot.Snapshot.read(root / ".index-cache-active.json", "active")
+    path = root / ".index-cache-active.json"
+    snapshot = ckpt_snapshot.Snapshot.read(path, "active", ckpt_snapshot.read_vouch(path))
     return None if snapshot is None else snapshot.folder
 
 
