@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from benchmarks._harness import Report, Stats, format_seconds, interleaved, measure, parse_args
-from kasmina import ExtendedStateTensor
+from kasmina import ExtendedStateTensor, durable_io
 from kasmina.checkpoint import CheckpointManager
 
 SIZES = {"1 KB": 1 << 10, "64 KB": 64 << 10, "1 MB": 1 << 20}
@@ -71,10 +71,11 @@ def _bare_write(folder: Path, data: bytes, durable: bool) -> None:
 
 class _FloorWrite:
     """The physical floor of a durable save, in raw os calls and no other work: the
-    payload and the sidecar written to temp files (write-back started at once, the hint a
-    save gives too), both fsynced, linked into place (temps unlinked), the folder fsynced
-    (3 sync points), then, as retention does once a seed has ``keep`` checkpoints, the
-    oldest pair renamed into ``archive/``."""
+    payload and the sidecar written to temp files (unnamed ``O_TMPFILE`` ones where the
+    manager uses them too; write-back started at once, the hint a save gives too), both
+    fsynced, linked into place (named temps then unlinked), the folder fsynced (3 sync
+    points), then, as retention does once a seed has ``keep`` checkpoints, the oldest pair
+    renamed into ``archive/``."""
 
     def __init__(self, folder: Path, payload: bytes, sidecar: bytes, keep: int = 5, hint: bool = True) -> None:
         self.active, self.archive = str(folder / "active"), str(folder / "archive")
@@ -86,23 +87,34 @@ class _FloorWrite:
     def __call__(self, durable: bool = True) -> None:
         n = self.count = self.count + 1
         active = self.active
+        anonymous = durable_io._ANONYMOUS_FLAGS
+        dir_fd = os.open(active, os.O_RDONLY | os.O_DIRECTORY)
         temps = []
         for label, data in (("payload", self.payload), ("sidecar", self.sidecar)):
-            temp = f"{active}/.tmp-{n}-{label}"
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            temp = None if anonymous else f".tmp-{n}-{label}"
+            if temp is None:
+                fd = os.open(active, anonymous, 0o644)
+            else:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
             os.write(fd, data)
             if durable and self.hint:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             temps.append((temp, fd))
-        for _, fd in temps:
-            if durable:
-                os.fsync(fd)
-            os.close(fd)
-        for (temp, _), ext in zip(temps, ("safetensors", "json"), strict=True):
-            os.link(temp, f"{active}/{n}.{ext}")
-            os.unlink(temp)
         if durable:
-            _fsync_folder(active)
+            for _, fd in temps:
+                os.fsync(fd)
+        for (temp, fd), ext in zip(temps, ("safetensors", "json"), strict=True):
+            if temp is None:
+                os.link(f"/proc/self/fd/{fd}", f"{n}.{ext}", dst_dir_fd=dir_fd)
+            else:
+                os.link(temp, f"{n}.{ext}", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if durable:
+            os.fsync(dir_fd)
+        for temp, fd in temps:
+            os.close(fd)
+            if temp is not None:
+                os.unlink(temp, dir_fd=dir_fd)
+        os.close(dir_fd)
         if n > self.keep:
             for ext in ("json", "safetensors"):
                 os.replace(f"{active}/{n - self.keep}.{ext}", f"{self.archive}/{n - self.keep}.{ext}")

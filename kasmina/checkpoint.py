@@ -10,8 +10,9 @@ Ids are ``{layer}_seed{seed}_{ms}_{seq}`` (a whole layer: ``{layer}_layer_{ms}_{
 with a per-process sequence; the final names are claimed with a no-overwrite hard link,
 so two threads or processes can never overwrite each other's checkpoint, even in the same
 millisecond (a clash just takes the next sequence number). A save writes both files to
-temp names, fsyncs them, links the payload and then the sidecar into place and fsyncs
-the folder (:mod:`kasmina.durable_io`); only then is anything moved by retention. A
+temp files (unnamed ones where the system allows: nothing is left behind by a crash),
+fsyncs them, links the payload and then the sidecar into place and fsyncs the folder
+(:mod:`kasmina.durable_io`); only then is anything moved by retention. A
 checkpoint exists once its sidecar does; a payload without sidecar is an unfinished
 save. Every restore checks the payload's size and sha256 and the sidecar's own
 checksum, and names the damaged file when one fails. ``durable=False`` skips every
@@ -66,7 +67,7 @@ from .checkpoint_format import (
 from .checkpoint_index import SeedKey, SidecarIndex, newest_first
 from .checkpoint_scan import FolderScan
 from .checkpoint_v1 import V1_ID_RE, info_from_v1, load_v1, parse_v1_sidecar
-from .durable_io import TempFile, atomic_write, clean_stale_temps, fsync_dir, is_temp_name, publish
+from .durable_io import TempFile, atomic_write, clean_stale_temps, fsync_dir, is_temp_name, open_dir
 
 if TYPE_CHECKING:
     from .state import ExtendedStateTensor
@@ -286,15 +287,20 @@ class CheckpointManager:
     def _commit(self, key: SeedKey, priority: str, lifecycle: int | None, payload: EncodedPayload, number: int) -> CheckpointInfo:
         """Write, sync and publish one checkpoint. Both files are written (and their
         write-back started) before either is fsynced, so the CPU work overlaps the disk's
-        and the second fsync finds little left to do; both are fsynced before either gets
-        its final name, and the folder fsync makes the names durable."""
+        and the second fsync finds little left to do; both are fsynced before either is
+        linked under its final name (never replacing a file), and the folder fsync makes
+        the names durable. The temp files are unnamed where the system allows, so a crash
+        leaves nothing to clean up."""
         folder = self._active_path
         durable = self.durable
         temps: list[TempFile] = []  # written, not published
-        linked: list[str] = []  # published by this call
-        stage = "writing the payload"
+        linked: list[str] = []  # names published by this call
+        dir_fd: int | None = None
+        stage = "opening the folder"
         try:
-            payload_temp = TempFile(folder, "payload")
+            dir_fd = open_dir(folder)
+            stage = "writing the payload"
+            payload_temp = TempFile(folder, "payload", anonymous=True)
             temps.append(payload_temp)
             payload_temp.write(payload.chunks)
             if durable:
@@ -319,7 +325,7 @@ class CheckpointManager:
                     sha256=payload.sha256,
                     version=2,
                 )
-                sidecar_temp = TempFile(folder, "sidecar")
+                sidecar_temp = TempFile(folder, "sidecar", anonymous=True)
                 temps.append(sidecar_temp)
                 sidecar_temp.write((build_sidecar(info),))
                 if durable:
@@ -327,40 +333,38 @@ class CheckpointManager:
                     stage = "syncing the payload and sidecar"
                     payload_temp.sync()
                     sidecar_temp.sync()
-                payload_temp.finish()
-                inode: int = sidecar_temp.finish(inode=True)  # type: ignore[assignment]
+                inode = sidecar_temp.inode()
                 stage = "publishing the checkpoint"
-                payload_final, sidecar_final = f"{folder}/{checkpoint_id}.safetensors", f"{folder}/{checkpoint_id}.json"
                 try:
-                    publish(payload_temp.path, payload_final, overwrite=False)
+                    payload_temp.link(dir_fd, info.payload_file)
                 except FileExistsError:  # another process took this id: try the next one
                     temps.pop().discard()
                     continue
-                temps.remove(payload_temp)
-                linked.append(payload_final)
+                linked.append(info.payload_file)
+                sidecar_name = f"{checkpoint_id}.json"
                 try:
-                    publish(sidecar_temp.path, sidecar_final, overwrite=False)
+                    sidecar_temp.link(dir_fd, sidecar_name)
                 except FileExistsError:  # a stray sidecar holds this id: take the payload back, try the next one
-                    os.replace(payload_final, payload_temp.path)
-                    linked.clear()
+                    payload_temp.unlink(dir_fd, linked.pop())
                     temps.pop().discard()
-                    temps.append(payload_temp)
                     continue
-                temps.clear()
-                linked.append(sidecar_final)
+                linked.append(sidecar_name)
                 if durable:
                     stage = "syncing the folder"
-                    fsync_dir(folder)
+                    os.fsync(dir_fd)
                 break
             else:
                 raise CheckpointWriteError(f"could not find a free checkpoint id in {folder} after {_MAX_ID_ATTEMPTS} tries")
         except BaseException as exc:
-            _remove_quietly(reversed(linked))
-            for temp in temps:
-                temp.discard()
+            _remove_quietly(f"{folder}/{name}" for name in reversed(linked))
             if isinstance(exc, OSError):
                 raise self._write_error(exc, stage, key) from exc
             raise
+        finally:
+            for temp in temps:
+                temp.discard()  # closes them; after the links, drops a named temp's own name
+            if dir_fd is not None:
+                os.close(dir_fd)
         with self._lock:
             self._active.add(info, inode)
             self._active.invalidate()

@@ -7,8 +7,10 @@ a torn one, and once the call returns the new file survives a power loss.
 ``durable=False`` skips the fsyncs: still atomic for readers, but **not** crash-safe
 (a power loss may leave an empty or missing file); use it for tests and scratch data.
 
-Temp files are named ``.kasmina-tmp-<pid>-<n>-<name>.tmp``; :func:`clean_stale_temps`
-removes the ones whose writing process is gone and never touches anything else.
+Temp files are unnamed where the system allows (Linux ``O_TMPFILE``, linked into place:
+a crash leaves nothing behind), otherwise named ``.kasmina-tmp-<pid>-<n>-<name>.tmp``;
+:func:`clean_stale_temps` removes the named ones whose writing process is gone and never
+touches anything else.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ __all__ = [
     "clean_stale_temps",
     "fsync_dir",
     "is_temp_name",
-    "publish",
-    "write_temp",
+    "open_dir",
 ]
 
 TEMP_PREFIX = ".kasmina-tmp-"
@@ -39,6 +40,17 @@ _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, e
 
 Buffer = bytes | bytearray | memoryview
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+# An unnamed file in a folder (O_TMPFILE), named later by linking /proc/self/fd/N. Read
+# and write: it is copied into a named temp where the folder cannot link it.
+_ANONYMOUS_FLAGS = (
+    os.O_RDWR | os.O_TMPFILE | getattr(os, "O_CLOEXEC", 0)
+    if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+    else 0
+)
+# What open(O_TMPFILE) answers where it is not supported (old kernels: EISDIR).
+_NO_TMPFILE_ERRNOS = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL}
+_NAMED_ONLY: set[str] = set()  # folders found unable to make or link anonymous files
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024)
 
 
@@ -48,14 +60,37 @@ def is_temp_name(name: str) -> bool:
 
 
 class TempFile:
-    """A new temp file in ``folder``, open for writing: ``write``, then ``sync`` (fsync)
-    and ``finish`` (close), then publish ``path``; ``discard`` removes it on failure.
-    Several can be written first and synced afterwards, one fsync right after another."""
+    """A new temp file in ``folder``, open for writing: ``write``, ``sync`` (fsync),
+    ``link`` it under its final name, then ``close``; ``discard`` removes it on failure.
+    Several can be written first and synced afterwards, one fsync right after another.
 
-    def __init__(self, folder: str | os.PathLike[str], label: str) -> None:
-        self.path = f"{os.fspath(folder)}/{TEMP_PREFIX}{os.getpid()}-{next(_counter)}-{label}.tmp"
-        self._fd: int | None = os.open(self.path, _CREATE_FLAGS, 0o644)
+    ``anonymous=True`` makes it an unnamed file of the folder (Linux ``O_TMPFILE``),
+    linked into place through ``/proc/self/fd``: no temp name is created and removed, and
+    a crash leaves nothing behind (the file system frees an unlinked inode). Where that is
+    not available it is a named temp file, and behaves the same."""
+
+    def __init__(self, folder: str | os.PathLike[str], label: str, *, anonymous: bool = False) -> None:
+        self.folder = os.fspath(folder)
+        self.name: str | None = None  # the temp name in ``folder``; None while anonymous
+        self._fd: int | None = None
         self._synced = False
+        if anonymous and _ANONYMOUS_FLAGS and self.folder not in _NAMED_ONLY:
+            try:
+                self._fd = os.open(self.folder, _ANONYMOUS_FLAGS, 0o644)
+            except OSError as exc:
+                if exc.errno not in _NO_TMPFILE_ERRNOS:
+                    raise
+                _NAMED_ONLY.add(self.folder)
+        if self._fd is None:
+            self.name = _temp_name(label)
+            self._fd = os.open(f"{self.folder}/{self.name}", _CREATE_FLAGS, 0o644)
+
+    @property
+    def path(self) -> str:
+        """The temp file's path (a named one only)."""
+        if self.name is None:
+            raise ValueError("an anonymous temp file has no path")
+        return f"{self.folder}/{self.name}"
 
     def write(self, chunks: Sequence[Buffer]) -> None:
         """Write ``chunks`` (bytes-like objects of byte format) in order."""
@@ -79,39 +114,91 @@ class TempFile:
             os.fsync(self._fd)  # type: ignore[arg-type]
             self._synced = True
 
-    def finish(self, inode: bool = False) -> int | None:
-        """Close the file; return its inode if asked. Closing twice is harmless."""
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return None
+    def inode(self) -> int:
+        """The file's inode number."""
+        return os.fstat(self._fd).st_ino  # type: ignore[arg-type]
+
+    def link(self, dir_fd: int, name: str) -> None:
+        """Give the file the name ``name`` in its folder (open as ``dir_fd``) without ever
+        replacing a file: ``FileExistsError`` when the name is taken. A named temp keeps
+        its temp name until :meth:`close`, so a clash can be undone by unlinking ``name``."""
+        if self.name is not None:
+            _link_named(self.name, name, dir_fd)
+            return
+        try:  # linkat(AT_SYMLINK_FOLLOW), which os.link only uses when given a dir fd
+            os.link(f"/proc/self/fd/{self._fd}", name, dst_dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno not in _NO_LINK_ERRNOS:
+                raise
+            _NAMED_ONLY.add(self.folder)
+            self._become_named()
+            _link_named(self.name, name, dir_fd)  # type: ignore[arg-type]
+
+    def _become_named(self) -> None:
+        """Copy an anonymous file into a named temp file (synced if this one was) and
+        continue with that one: for a folder that cannot link anonymous files."""
+        named = TempFile(self.folder, "copy")
         try:
-            return os.fstat(fd).st_ino if inode else None
-        finally:
+            size, done = os.fstat(self._fd).st_size, 0  # type: ignore[arg-type]
+            while done < size:
+                sent = os.sendfile(named._fd, self._fd, done, size - done)  # type: ignore[arg-type]
+                if sent <= 0:
+                    raise OSError(errno.EIO, f"copying temp file {named.path} made no progress")
+                done += sent
+            if self._synced:
+                named.sync()
+        except BaseException:
+            named.discard()
+            raise
+        os.close(self._fd)  # type: ignore[arg-type]
+        self._fd, self.name = named._fd, named.name
+
+    def unlink(self, dir_fd: int, name: str) -> None:
+        """Undo :meth:`link` of ``name``: the file is a named temp file again (an
+        anonymous one cannot be linked twice, so it keeps a temp name from now on)."""
+        if self.name is None:
+            self.name = _temp_name("relinked")
+            os.link(name, self.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        elif not _exists(self.name, dir_fd):  # renamed onto ``name`` (no hard links): rename it back
+            os.replace(name, self.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
+        os.unlink(name, dir_fd=dir_fd)
+
+    def close(self) -> None:
+        """Close the file and drop its temp name, if it has one (once it is linked, or
+        to give it up). Closing twice is harmless."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
             os.close(fd)
+        if self.name is not None:
+            _unlink_quietly(self.path)
+            self.name = None
 
     def discard(self) -> None:
         """Close and remove the file (quietly: the caller is already handling a failure)."""
         try:
-            self.finish()
+            self.close()
         except OSError:
             pass
-        _unlink_quietly(self.path)
 
 
-def write_temp(folder: str | os.PathLike[str], label: str, chunks: Sequence[Buffer], *, durable: bool = True) -> str:
-    """Write ``chunks`` (bytes-like objects of byte format) to a new temp file in
-    ``folder``, fsynced when ``durable``, and return its path. On any error the temp file
-    is removed and the error re-raised (an ``OSError`` such as ENOSPC keeps its errno)."""
-    temp = TempFile(folder, label)
+def _temp_name(label: str) -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}-{next(_counter)}-{label}.tmp"
+
+
+def _link_named(temp: str, final: str, dir_fd: int) -> None:
+    """Link ``temp`` as ``final`` (both in the folder open as ``dir_fd``), never replacing.
+    Without hard links an ``O_EXCL`` placeholder reserves ``final`` and ``temp`` is renamed
+    onto it (``temp`` is then gone)."""
     try:
-        temp.write(chunks)
-        if durable:
-            temp.sync()
-        temp.finish()
-    except BaseException:
-        temp.discard()
+        os.link(temp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except FileExistsError:
         raise
-    return temp.path
+    except OSError as exc:
+        if exc.errno not in _NO_LINK_ERRNOS:
+            raise
+        os.close(os.open(final, _CREATE_FLAGS, 0o644, dir_fd=dir_fd))
+        os.replace(temp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def _write_all(fd: int, chunks: Sequence[Buffer]) -> None:
@@ -135,32 +222,9 @@ def _write_all(fd: int, chunks: Sequence[Buffer]) -> None:
             raise OSError(errno.EIO, f"writing to fd {fd} made no progress")
 
 
-def publish(temp: str | os.PathLike[str], final: str | os.PathLike[str], *, overwrite: bool) -> None:
-    """Give ``temp`` its final name atomically.
-
-    ``overwrite=True`` uses ``os.replace``. ``overwrite=False`` never replaces an existing
-    file: it raises ``FileExistsError`` instead (hard link then unlink of the temp; on a
-    filesystem without hard links an ``O_EXCL`` placeholder reserves the name first).
-    ``temp`` is gone afterwards unless an error is raised."""
-    if overwrite:
-        os.replace(temp, final)
-        return
-    try:
-        os.link(temp, final)
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        if exc.errno not in _NO_LINK_ERRNOS:
-            raise
-        os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        os.replace(temp, final)
-        return
-    os.unlink(temp)
-
-
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
     """fsync a folder so the names created, renamed or removed in it are durable."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = os.open(folder, _DIR_FLAGS)
     try:
         os.fsync(fd)
     finally:
@@ -169,16 +233,35 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
 
 def atomic_write(path: Path, data: Buffer | Iterable[Buffer], *, durable: bool = True, overwrite: bool = True) -> None:
     """Write ``data`` (bytes or an iterable of buffers) to ``path`` atomically, and
-    durably unless ``durable=False``. See :func:`publish` for ``overwrite``."""
+    durably unless ``durable=False``. ``overwrite=True`` replaces an existing file
+    (``os.replace``); ``overwrite=False`` raises ``FileExistsError`` instead and never
+    replaces one. On any error nothing is left behind (an ``OSError`` such as ENOSPC keeps
+    its errno)."""
     chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
-    temp = write_temp(path.parent, path.name, chunks, durable=durable)
+    dir_fd = os.open(path.parent, _DIR_FLAGS)
     try:
-        publish(temp, path, overwrite=overwrite)
-    except BaseException:
-        _unlink_quietly(temp)
-        raise
-    if durable:
-        fsync_dir(path.parent)
+        temp = TempFile(path.parent, path.name)
+        try:
+            temp.write(chunks)
+            if durable:
+                temp.sync()
+            if overwrite:
+                os.replace(temp.name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # type: ignore[arg-type]
+            else:
+                temp.link(dir_fd, path.name)
+        except BaseException:
+            temp.discard()
+            raise
+        temp.close()
+        if durable:
+            os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def open_dir(folder: str | os.PathLike[str]) -> int:
+    """A file descriptor of ``folder``, for names relative to it and for fsync."""
+    return os.open(folder, _DIR_FLAGS)
 
 
 def clean_stale_temps(folder: Path, names: Iterable[str] | None = None) -> list[Path]:
@@ -200,6 +283,14 @@ def clean_stale_temps(folder: Path, names: Iterable[str] | None = None) -> list[
         if _unlink_quietly(folder / name):
             removed.append(folder / name)
     return removed
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _pid_alive(pid: int) -> bool:

@@ -23,6 +23,7 @@ import kasmina
 from kasmina import checkpoint as ckpt
 from kasmina import checkpoint_index as ckpt_index
 from kasmina import checkpoint_scan as ckpt_scan
+from kasmina import durable_io
 from kasmina.checkpoint import (
     CheckpointCorruptError,
     CheckpointManager,
@@ -53,8 +54,17 @@ def manager(tmp_path: Path) -> CheckpointManager:
     return CheckpointManager(tmp_path / "ckpt")
 
 
+@pytest.fixture(params=["anonymous", "named"])
+def writer(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CheckpointManager:
+    """A manager writing unnamed temp files (O_TMPFILE, where the system has it) or named
+    ones (the fallback elsewhere): the write path's tests run with both."""
+    if request.param == "named":
+        monkeypatch.setattr(durable_io, "_ANONYMOUS_FLAGS", 0)
+    return CheckpointManager(tmp_path / "ckpt")
+
+
 # ---- round trip and format ---------------------------------------------------------------
-def test_round_trip_keeps_every_value_and_type(manager: CheckpointManager) -> None:
+def test_round_trip_keeps_every_value_and_type(writer: CheckpointManager) -> None:
     base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
     state_data = {
         "lifecycle_state": kasmina.ExtendedLifecycle.GRAFTING,
@@ -74,8 +84,8 @@ def test_round_trip_keeps_every_value_and_type(manager: CheckpointManager) -> No
         "inf": -math.inf,
     }
     blueprint = {"0.weight": torch.randn(4, 4, requires_grad=True), "0.bias": torch.randn(4)}
-    checkpoint_id = manager.save_checkpoint("enc.block-1", 7, state_data, blueprint, "high", metadata={"epoch": 12})
-    out = manager.restore_checkpoint(checkpoint_id)
+    checkpoint_id = writer.save_checkpoint("enc.block-1", 7, state_data, blueprint, "high", metadata={"epoch": 12})
+    out = writer.restore_checkpoint(checkpoint_id)
     assert out["version"] == 2 and out["source_version"] == 2
     assert (out["layer_id"], out["seed_id"], out["priority"], out["lifecycle_state"]) == ("enc.block-1", 7, "high", 3)
     got = out["state_data"]
@@ -228,36 +238,36 @@ def test_ids_unique_under_8_threads_x_50_saves(tmp_path: Path) -> None:
     assert sorted(manager.verify(i).number for i in saved) == list(range(1, 401))
 
 
-def test_a_taken_id_is_never_overwritten(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_taken_id_is_never_overwritten(writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same (ms, seq) from another process: the no-overwrite publish moves on to the next id."""
-    first = manager.save_checkpoint("L", 0, _state(1), priority="high")
+    first = writer.save_checkpoint("L", 0, _state(1), priority="high")
     ms, seq = (int(x) for x in first.rsplit("_", 2)[1:])
     replies = iter([(ms, seq), (ms, seq + 1000)])
     monkeypatch.setattr(ckpt._CLOCK, "next", lambda: next(replies))
-    second = manager.save_checkpoint("L", 0, _state(2), priority="high")
+    second = writer.save_checkpoint("L", 0, _state(2), priority="high")
     assert second == f"L_seed0_{ms}_{seq + 1000}"
-    assert manager.restore_checkpoint(first)["state_data"]["epoch"] == 1
-    assert manager.restore_checkpoint(second)["state_data"]["epoch"] == 2
-    assert not [n for n in _files(manager.active_dir) if n.startswith(TEMP_PREFIX)]
+    assert writer.restore_checkpoint(first)["state_data"]["epoch"] == 1
+    assert writer.restore_checkpoint(second)["state_data"]["epoch"] == 2
+    assert not [n for n in _files(writer.active_dir) if n.startswith(TEMP_PREFIX)]
 
 
-def test_a_stray_sidecar_is_not_overwritten(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    stray = manager.active_dir / "L_seed0_5_1.json"
+def test_a_stray_sidecar_is_not_overwritten(writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    stray = writer.active_dir / "L_seed0_5_1.json"
     stray.write_text("not mine")
     replies = iter([(5, 1), (5, 2)])
     monkeypatch.setattr(ckpt._CLOCK, "next", lambda: next(replies))
-    assert manager.save_checkpoint("L", 0, _state(2)) == "L_seed0_5_2"
-    assert stray.read_text() == "not mine" and not (manager.active_dir / "L_seed0_5_1.safetensors").exists()
+    assert writer.save_checkpoint("L", 0, _state(2)) == "L_seed0_5_2"
+    assert stray.read_text() == "not mine" and not (writer.active_dir / "L_seed0_5_1.safetensors").exists()
 
 
-def test_saves_work_without_hard_links(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_links(src: object, dst: object) -> None:
+def test_saves_work_without_hard_links(writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
-    ids = [manager.save_checkpoint("L", 0, _state(i), priority="high") for i in range(3)]
-    assert [manager.restore_checkpoint(i)["state_data"]["epoch"] for i in ids] == [0, 1, 2]
-    assert not [n for n in _files(manager.active_dir) if n.startswith(TEMP_PREFIX)]
+    ids = [writer.save_checkpoint("L", 0, _state(i), priority="high") for i in range(3)]
+    assert [writer.restore_checkpoint(i)["state_data"]["epoch"] for i in ids] == [0, 1, 2]
+    assert not [n for n in _files(writer.active_dir) if n.startswith(TEMP_PREFIX)]
 
 
 # ---- retention and deletion -----------------------------------------------------------------
@@ -447,7 +457,7 @@ def _fail_in(monkeypatch: pytest.MonkeyPatch, folder: Path, call: str, after: in
 
     def fake(fd: int, *args: object) -> object:
         target = os.readlink(f"/proc/self/fd/{fd}")
-        if target.startswith(str(folder)) and TEMP_PREFIX in target:
+        if target.startswith(str(folder)) and (TEMP_PREFIX in target or target.endswith(" (deleted)")):
             calls["n"] += 1
             if calls["n"] > after:
                 if call == "writev":
@@ -461,21 +471,21 @@ def _fail_in(monkeypatch: pytest.MonkeyPatch, folder: Path, call: str, after: in
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to map fds to files")
 @pytest.mark.parametrize(("call", "after"), [("writev", 0), ("writev", 1), ("fsync", 0), ("fsync", 1)])
 def test_disk_full_keeps_every_earlier_checkpoint(
-    manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch, call: str, after: int
+    writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch, call: str, after: int
 ) -> None:
-    earlier = [manager.save_checkpoint("L", 0, _state(i), {"w": torch.randn(64)}) for i in range(3)]
-    before = _files(manager.active_dir)
+    earlier = [writer.save_checkpoint("L", 0, _state(i), {"w": torch.randn(64)}) for i in range(3)]
+    before = _files(writer.active_dir)
     with monkeypatch.context() as patch:
-        _fail_in(patch, manager.active_dir, call, after)  # after=1: the payload goes through, the sidecar fails
+        _fail_in(patch, writer.active_dir, call, after)  # after=1: the payload goes through, the sidecar fails
         with pytest.raises(CheckpointWriteError, match="no space left on device") as info:
-            manager.save_checkpoint("L", 0, _state(99), {"w": torch.randn(64)})
-    assert info.value.errno == errno.ENOSPC and str(manager.active_dir) in str(info.value)
-    assert _files(manager.active_dir) == before  # temp files gone, nothing half-written
-    assert [i.checkpoint_id for i in manager.list_checkpoints()] == earlier[::-1]
+            writer.save_checkpoint("L", 0, _state(99), {"w": torch.randn(64)})
+    assert info.value.errno == errno.ENOSPC and str(writer.active_dir) in str(info.value)
+    assert _files(writer.active_dir) == before  # temp files gone, nothing half-written
+    assert [i.checkpoint_id for i in writer.list_checkpoints()] == earlier[::-1]
     for checkpoint_id in earlier:
-        manager.verify(checkpoint_id)
-    assert CheckpointRecovery(manager).recover_seed_state("L", 0).checkpoint_id == earlier[-1]
-    assert manager.restore_checkpoint(manager.save_checkpoint("L", 0, _state(5)))["state_data"]["epoch"] == 5
+        writer.verify(checkpoint_id)
+    assert CheckpointRecovery(writer).recover_seed_state("L", 0).checkpoint_id == earlier[-1]
+    assert writer.restore_checkpoint(writer.save_checkpoint("L", 0, _state(5)))["state_data"]["epoch"] == 5
 
 
 # ---- temp files, the index -----------------------------------------------------------------------
@@ -577,14 +587,41 @@ def test_atomic_write_replaces_or_refuses_and_leaves_no_temp(tmp_path: Path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["durable.bin", "fast.bin", "file.bin"]
 
 
-def test_short_writes_are_completed(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.skipif(not durable_io._ANONYMOUS_FLAGS, reason="no O_TMPFILE or no /proc/self/fd here")
+def test_temp_files_are_unnamed_where_the_system_allows(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    created: list[str] = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, flags, *a, **k: created.append(str(path)) or real_open(path, flags, *a, **k))
+    checkpoint_id = manager.save_checkpoint("L", 0, _state(1))
+    assert created and not [path for path in created if TEMP_PREFIX in path]
+    assert manager.restore_checkpoint(checkpoint_id)["state_data"]["epoch"] == 1
+
+
+def test_a_folder_refusing_unnamed_files_gets_named_ones(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+    created: list[str] = []
+
+    def refuse_tmpfile(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        created.append(str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_tmpfile)
+    ids = [manager.save_checkpoint("L", 0, _state(i), priority="high") for i in range(2)]
+    assert [manager.restore_checkpoint(i)["state_data"]["epoch"] for i in ids] == [0, 1]
+    assert len([path for path in created if TEMP_PREFIX in path]) == 4  # payload and sidecar, twice
+    assert not [n for n in _files(manager.active_dir) if n.startswith(TEMP_PREFIX)]
+
+
+def test_short_writes_are_completed(writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
     real = os.writev
 
     def short_writev(fd: int, buffers: list) -> int:  # the kernel may write less than asked
         return real(fd, [bytes(memoryview(buffers[0]).cast("B")[:5])])
 
     monkeypatch.setattr(os, "writev", short_writev)
-    checkpoint_id = manager.save_checkpoint("L", 0, _state(3), {"w": torch.arange(100.0)})
+    checkpoint_id = writer.save_checkpoint("L", 0, _state(3), {"w": torch.arange(100.0)})
     monkeypatch.undo()
-    out = manager.restore_checkpoint(checkpoint_id)
+    out = writer.restore_checkpoint(checkpoint_id)
     assert out["state_data"]["epoch"] == 3 and torch.equal(out["blueprint_state"]["w"], torch.arange(100.0))
