@@ -37,6 +37,10 @@ _TEMP_RE = re.compile(r"^\.kasmina-tmp-(?P<pid>\d+)-\d+-.*\.tmp$")
 _counter = itertools.count()  # next() on itertools.count is atomic under the GIL
 # Filesystems without hard links answer link() with one of these.
 _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+# ... and linking an anonymous file through /proc/self/fd also where /proc is not this
+# process's (ENOENT) or the link resolves elsewhere (EXDEV). A folder that is really gone
+# fails again when the named copy is made.
+_NO_ANONYMOUS_LINK_ERRNOS = _NO_LINK_ERRNOS | {errno.ENOENT, errno.EXDEV}
 
 Buffer = bytes | bytearray | memoryview
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -128,7 +132,7 @@ class TempFile:
         try:  # linkat(AT_SYMLINK_FOLLOW), which os.link only uses when given a dir fd
             os.link(f"/proc/self/fd/{self._fd}", name, dst_dir_fd=dir_fd)
         except OSError as exc:
-            if exc.errno not in _NO_LINK_ERRNOS:
+            if exc.errno not in _NO_ANONYMOUS_LINK_ERRNOS:
                 raise
             _NAMED_ONLY.add(self.folder)
             self._become_named()

@@ -614,6 +614,25 @@ def test_a_folder_refusing_unnamed_files_gets_named_ones(manager: CheckpointMana
     assert not [n for n in _files(manager.active_dir) if n.startswith(TEMP_PREFIX)]
 
 
+@pytest.mark.skipif(not durable_io._ANONYMOUS_FLAGS, reason="no O_TMPFILE or no /proc/self/fd here")
+def test_unnamed_files_that_cannot_be_linked_are_saved_as_named_copies(
+    manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_link = os.link
+
+    def no_proc_links(src: str, dst: str, **kwargs: object) -> None:
+        if str(src).startswith("/proc/"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", src)  # a /proc that is not ours
+        real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "link", no_proc_links)
+    ids = [manager.save_checkpoint("L", 0, _state(i), {"w": torch.arange(5000.0)}, priority="high") for i in range(2)]
+    for epoch, checkpoint_id in enumerate(ids):
+        out = manager.restore_checkpoint(checkpoint_id)
+        assert out["state_data"]["epoch"] == epoch and torch.equal(out["blueprint_state"]["w"], torch.arange(5000.0))
+    assert not [n for n in _files(manager.active_dir) if n.startswith(TEMP_PREFIX)]
+
+
 def test_short_writes_are_completed(writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
     real = os.writev
 
