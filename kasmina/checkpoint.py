@@ -345,7 +345,8 @@ class CheckpointManager:
                 try:
                     sidecar_temp.link(dir_fd, sidecar_name)
                 except FileExistsError:  # a stray sidecar holds this id: take the payload back, try the next one
-                    payload_temp.unlink(dir_fd, linked.pop())
+                    payload_temp.unlink(dir_fd, linked[-1])
+                    linked.pop()
                     temps.pop().discard()
                     continue
                 linked.append(sidecar_name)

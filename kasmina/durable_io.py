@@ -242,7 +242,7 @@ def atomic_write(path: Path, data: Buffer | Iterable[Buffer], *, durable: bool =
     replaces one. On any error nothing is left behind (an ``OSError`` such as ENOSPC keeps
     its errno)."""
     chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
-    dir_fd = os.open(path.parent, _DIR_FLAGS)
+    dir_fd = open_dir(path.parent)
     try:
         temp = TempFile(path.parent, path.name)
         try:
