@@ -333,7 +333,6 @@ class CheckpointManager:
                     stage = "syncing the payload and sidecar"
                     payload_temp.sync()
                     sidecar_temp.sync()
-                inode = sidecar_temp.inode()
                 stage = "publishing the checkpoint"
                 try:
                     payload_temp.link(dir_fd, info.payload_file)
@@ -350,6 +349,7 @@ class CheckpointManager:
                     temps.pop().discard()
                     continue
                 linked.append(sidecar_name)
+                inode = sidecar_temp.inode()  # after the link: a named copy may have taken the file's place
                 if durable:
                     stage = "syncing the folder"
                     os.fsync(dir_fd)
@@ -365,7 +365,10 @@ class CheckpointManager:
             for temp in temps:
                 temp.discard()  # closes them; after the links, drops a named temp's own name
             if dir_fd is not None:
-                os.close(dir_fd)
+                try:
+                    os.close(dir_fd)
+                except OSError:
+                    pass  # a read-only folder descriptor: nothing of the save depends on closing it
         with self._lock:
             self._active.add(info, inode)
             self._active.invalidate()

@@ -154,8 +154,8 @@ class TempFile:
         except BaseException:
             named.discard()
             raise
-        os.close(self._fd)  # type: ignore[arg-type]
-        self._fd, self.name = named._fd, named.name
+        anonymous, self._fd, self.name = self._fd, named._fd, named.name
+        os.close(anonymous)  # type: ignore[arg-type]
 
     def unlink(self, dir_fd: int, name: str) -> None:
         """Undo :meth:`link` of ``name``: the file is a named temp file again (an
@@ -172,11 +172,13 @@ class TempFile:
         """Close the file and drop its temp name, if it has one (once it is linked, or
         to give it up). Closing twice is harmless."""
         fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-        if self.name is not None:
-            _unlink_quietly(self.path)
-            self.name = None
+        try:
+            if fd is not None:
+                os.close(fd)
+        finally:
+            if self.name is not None:
+                _unlink_quietly(self.path)
+                self.name = None
 
     def discard(self) -> None:
         """Close and remove the file (quietly: the caller is already handling a failure)."""
@@ -193,7 +195,8 @@ def _temp_name(label: str) -> str:
 def _link_named(temp: str, final: str, dir_fd: int) -> None:
     """Link ``temp`` as ``final`` (both in the folder open as ``dir_fd``), never replacing.
     Without hard links an ``O_EXCL`` placeholder reserves ``final`` and ``temp`` is renamed
-    onto it (``temp`` is then gone)."""
+    onto it (``temp`` is then gone); an error in between removes the placeholder, but a
+    crash there leaves it, empty: the price of a folder without hard links."""
     try:
         os.link(temp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except FileExistsError:
@@ -201,8 +204,16 @@ def _link_named(temp: str, final: str, dir_fd: int) -> None:
     except OSError as exc:
         if exc.errno not in _NO_LINK_ERRNOS:
             raise
-        os.close(os.open(final, _CREATE_FLAGS, 0o644, dir_fd=dir_fd))
-        os.replace(temp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        placeholder = os.open(final, _CREATE_FLAGS, 0o644, dir_fd=dir_fd)  # FileExistsError when taken
+        try:
+            os.close(placeholder)
+            os.replace(temp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            try:
+                os.unlink(final, dir_fd=dir_fd)
+            except OSError:
+                pass  # the caller is already handling a failure
+            raise
 
 
 def _write_all(fd: int, chunks: Sequence[Buffer]) -> None:

@@ -10,9 +10,11 @@ import math
 import os
 import pickle
 import re
+import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -625,12 +627,70 @@ def test_unnamed_files_that_cannot_be_linked_are_saved_as_named_copies(
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", src)  # a /proc that is not ours
         real_link(src, dst, **kwargs)
 
+    synced: list[str] = []
+    real_fsync = os.fsync
     monkeypatch.setattr(os, "link", no_proc_links)
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     ids = [manager.save_checkpoint("L", 0, _state(i), {"w": torch.arange(5000.0)}, priority="high") for i in range(2)]
+    copies = [path for path in synced if path.endswith("-copy.tmp")]
+    assert len(copies) == 2  # the first save's payload and sidecar were copied (and fsynced); the second used named temps
     for epoch, checkpoint_id in enumerate(ids):
         out = manager.restore_checkpoint(checkpoint_id)
         assert out["state_data"]["epoch"] == epoch and torch.equal(out["blueprint_state"]["w"], torch.arange(5000.0))
     assert not [n for n in _files(manager.active_dir) if n.startswith(TEMP_PREFIX)]
+
+
+def _fail_nth(monkeypatch: pytest.MonkeyPatch, call: str, nth: int, applies: Callable[..., bool] = lambda *a: True) -> None:
+    """Make the ``nth`` call of os.<call> for which ``applies(*args)`` holds raise ENOSPC."""
+    real = getattr(os, call)
+    seen = [0]
+
+    def fake(*args: object, **kwargs: object) -> object:
+        if applies(*args):
+            seen[0] += 1
+            if seen[0] == nth:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, call, fake)
+
+
+@pytest.mark.parametrize(("stage", "nth"), [("link", 1), ("link", 2), ("folder fsync", 1)])
+def test_a_failed_publish_keeps_nothing_of_the_save(
+    writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch, stage: str, nth: int
+) -> None:
+    """link 1: the payload's final name; link 2: the sidecar's; then the folder fsync."""
+    earlier = [writer.save_checkpoint("L", 0, _state(i)) for i in range(2)]
+    before = _files(writer.active_dir)
+    with monkeypatch.context() as patch:
+        if stage == "folder fsync":
+            _fail_nth(patch, "fsync", nth, lambda fd: stat.S_ISDIR(os.fstat(fd).st_mode))
+        else:
+            _fail_nth(patch, stage, nth)
+        with pytest.raises(CheckpointWriteError, match="no space left on device"):
+            writer.save_checkpoint("L", 0, _state(9))
+    assert _files(writer.active_dir) == before
+    assert [i.checkpoint_id for i in writer.list_checkpoints()] == earlier[::-1]
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+def test_without_hard_links_a_failed_rename_leaves_no_placeholder(
+    writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch, nth: int
+) -> None:
+    """Without hard links a final name is reserved by an empty placeholder, then the temp
+    file is renamed onto it (rename 1: the payload, 2: the sidecar)."""
+    def no_links(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    earlier = writer.save_checkpoint("L", 0, _state(1), priority="high")
+    before = _files(writer.active_dir)
+    with monkeypatch.context() as patch:
+        _fail_nth(patch, "replace", nth)
+        with pytest.raises(CheckpointWriteError, match="no space left on device"):
+            writer.save_checkpoint("L", 0, _state(2), priority="high")
+    assert _files(writer.active_dir) == before
+    assert [i.checkpoint_id for i in writer.list_checkpoints()] == [earlier]
 
 
 def test_short_writes_are_completed(writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,14 +36,23 @@ def use_named_temps() -> None:
 
 def _save_forever(folder: str, log_path: str, first_value: int, ready_fd: int, in_save: mmap.mmap) -> None:
     """Child: save checkpoints with increasing values, logging each completed one;
-    ``in_save[0]`` is 1 while a save runs."""
+    ``in_save[0]`` is 1 while a save works on the folder (its files, links, fsyncs and
+    retention moves), 0 while it encodes or the loop logs."""
     manager = CheckpointManager(folder, max_checkpoints_per_seed=3)
+    commit = manager._commit
+
+    def flagged_commit(*args: object) -> object:
+        in_save[0] = 1
+        try:
+            return commit(*args)
+        finally:
+            in_save[0] = 0
+
+    manager._commit = flagged_commit  # type: ignore[method-assign]
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
     value = first_value
     while True:
-        in_save[0] = 1
         checkpoint_id = manager.save_checkpoint("L", 0, {"value": value, "t": torch.full((2048,), value, dtype=torch.int64)})
-        in_save[0] = 0
         os.write(log, f"{value} {checkpoint_id}\n".encode())
         if value == first_value:
             os.write(ready_fd, b"r")  # at least one complete save per child
@@ -70,7 +79,7 @@ def crash_driver(folder: str, log_path: str, kills: int, seed: int) -> None:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         with open(f"{log_path}.kills", "a") as kills_log:
-            kills_log.write(f"{pid} {in_save[0]}\n")  # 1: the kill landed inside a save
+            kills_log.write(f"{pid} {in_save[0]}\n")  # 1: the kill landed in a save's work on the folder
         time.sleep(0.002)  # the next writer's ids start in a later millisecond
 
 
