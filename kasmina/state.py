@@ -388,23 +388,30 @@ class ExtendedStateTensor(nn.Module):
 
 
 def _content_problems(state_dict: Mapping[str, Any], prefix: str) -> list[str]:
-    """Values a loaded state tensor must not hold (checked before anything is copied)."""
+    """Values a loaded state tensor must not hold (checked before anything is copied).
+    One min/max pass per tensor; the offending value is looked for only when there is one."""
     problems = []
     state = state_dict.get(prefix + "state")
     if state is not None:
-        current = state[:, StateColumn.LIFECYCLE_STATE]
-        parent = state[:, StateColumn.PARENT_STATE]
-        for column, values in (("LIFECYCLE_STATE", current), ("PARENT_STATE", parent)):
-            bad = values[(values < 0) | (values >= NUM_STATES)]
-            if bad.numel():
+        for column in ("LIFECYCLE_STATE", "PARENT_STATE"):
+            values = state[:, StateColumn[column]]
+            if _outside(values, 0, NUM_STATES - 1):
+                bad = values[(values < 0) | (values >= NUM_STATES)]
                 problems.append(f"{prefix}state: {column} {int(bad[0])} is no state id (0..{NUM_STATES - 1})")
-        negative = state[:, [StateColumn.EPOCHS_IN_STATE, StateColumn.ERROR_COUNT]]
-        if (negative < 0).any():
+        if any(_outside(state[:, column], 0) for column in (StateColumn.EPOCHS_IN_STATE, StateColumn.ERROR_COUNT)):
             problems.append(f"{prefix}state: EPOCHS_IN_STATE and ERROR_COUNT must be >= 0")
     count = state_dict.get(prefix + "history_count")
-    if count is not None and (count < 0).any():
+    if count is not None and _outside(count, 0):
         problems.append(f"{prefix}history_count must be >= 0, got {int(count.min())}")
     history = state_dict.get(prefix + "history")
-    if history is not None and ((history < 0) | (history >= NUM_STATES)).any():
+    if history is not None and _outside(history, 0, NUM_STATES - 1):
         problems.append(f"{prefix}history holds an id that is no state (0..{NUM_STATES - 1})")
     return problems
+
+
+def _outside(values: torch.Tensor, low: int, high: int | None = None) -> bool:
+    """Whether any of ``values`` lies outside [low, high] (no upper bound when None)."""
+    if values.numel() == 0:
+        return False
+    smallest, largest = torch.aminmax(values)
+    return int(smallest) < low or (high is not None and int(largest) > high)

@@ -169,6 +169,7 @@ def test_durable_false_skips_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 # ---- listing, ids ------------------------------------------------------------------------
 def test_list_is_newest_first_by_parsed_numbers(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ckpt.time, "time_ns", lambda: 1_000 * 1_000_000)  # every id in one millisecond
+    monkeypatch.setattr(ckpt._CLOCK, "_seq", 4)  # sequence numbers 5..16, whatever ran before in this process
     ids = [manager.save_checkpoint("L", 0, _state(i), priority="high") for i in range(12)]
     seqs = [int(ID_RE.match(i)["seq"]) for i in ids]
     assert seqs == sorted(seqs) and str(seqs[-1]) < str(seqs[0])  # string order would be wrong here
@@ -691,6 +692,36 @@ def test_without_hard_links_a_failed_rename_leaves_no_placeholder(
             writer.save_checkpoint("L", 0, _state(2), priority="high")
     assert _files(writer.active_dir) == before
     assert [i.checkpoint_id for i in writer.list_checkpoints()] == [earlier]
+
+
+def test_a_large_payload_is_hashed_while_it_is_read(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ckpt, "_HASH_WHILE_READING_BYTES", 1 << 20)
+    monkeypatch.setattr(ckpt, "_READ_PIECE_BYTES", 256 << 10)  # 16 pieces of a 4 MB payload
+    weights = torch.arange(1 << 20, dtype=torch.float32)
+    checkpoint_id = manager.save_checkpoint("L", 0, _state(1), {"w": weights}, priority="high")
+    assert torch.equal(manager.restore_checkpoint(checkpoint_id)["blueprint_state"]["w"], weights)
+    payload = manager.active_dir / f"{checkpoint_id}.safetensors"
+    original = payload.read_bytes()
+    for offset in (100, len(original) // 2, len(original) - 1):  # in the first, a middle and the last piece
+        damaged = bytearray(original)
+        damaged[offset] ^= 1
+        payload.write_bytes(damaged)
+        with pytest.raises(CheckpointCorruptError, match="fails its sha256 check"):
+            manager.restore_checkpoint(checkpoint_id)
+    payload.write_bytes(original)
+    real_readv = os.readv
+    reads = [0]
+
+    def shrinking_readv(fd: int, buffers: list) -> int:  # the file is cut short while it is read
+        reads[0] += 1
+        return 0 if reads[0] == 3 else real_readv(fd, buffers)
+
+    monkeypatch.setattr(os, "readv", shrinking_readv)
+    with pytest.raises(CheckpointCorruptError, match="ended early"):
+        manager.restore_checkpoint(checkpoint_id)
+    monkeypatch.setattr(os, "readv", real_readv)
+    assert not [t for t in threading.enumerate() if t.name == "kasmina-sha256"]
+    assert torch.equal(manager.restore_checkpoint(checkpoint_id)["blueprint_state"]["w"], weights)
 
 
 def test_short_writes_are_completed(writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:

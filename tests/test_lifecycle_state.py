@@ -6,6 +6,7 @@ built) and on the pure-torch reference."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -403,25 +404,27 @@ def test_state_dict_round_trip_and_owner_module() -> None:
 
 
 @pytest.mark.parametrize(
-    "corrupt",
+    ("corrupt", "message"),
     [
-        lambda sd: sd["state"].__setitem__((0, StateColumn.LIFECYCLE_STATE), T.NUM_STATES),
-        lambda sd: sd["state"].__setitem__((1, StateColumn.PARENT_STATE), -1),
-        lambda sd: sd["state"].__setitem__((1, StateColumn.EPOCHS_IN_STATE), -5),
-        lambda sd: sd["history_count"].__setitem__(2, -1),
-        lambda sd: sd["history"].__setitem__((0, 0, 1), 99),
-        lambda sd: sd.__setitem__("state", sd["state"].float()),
-        lambda sd: sd.__setitem__("history", sd["history"][:2]),
+        (lambda sd: sd["state"].__setitem__((0, StateColumn.LIFECYCLE_STATE), T.NUM_STATES), f"LIFECYCLE_STATE {T.NUM_STATES} "),
+        (lambda sd: sd["state"].__setitem__((1, StateColumn.PARENT_STATE), -1), "PARENT_STATE -1 "),
+        (lambda sd: sd["state"].__setitem__((1, StateColumn.EPOCHS_IN_STATE), -5), "EPOCHS_IN_STATE and ERROR_COUNT"),
+        (lambda sd: sd["state"].__setitem__((3, StateColumn.ERROR_COUNT), -1), "EPOCHS_IN_STATE and ERROR_COUNT"),
+        (lambda sd: sd["history_count"].__setitem__(2, -1), "history_count must be >= 0, got -1"),
+        (lambda sd: sd["history"].__setitem__((0, 0, 1), 99), "history holds an id"),
+        (lambda sd: sd["history"].__setitem__((3, 1, 0), -1), "history holds an id"),
+        (lambda sd: sd.__setitem__("state", sd["state"].float()), "state: expected torch.int32"),
+        (lambda sd: sd.__setitem__("history", sd["history"][:2]), f"history: expected torch.int32 (4, {T.HISTORY_LENGTH}, 2)"),
     ],
 )
-def test_load_state_dict_rejects_bad_content_and_changes_nothing(corrupt) -> None:
+def test_load_state_dict_rejects_bad_content_and_changes_nothing(corrupt, message: str) -> None:
     source = ExtendedStateTensor(4)
     _busy(source)
     sd = {k: v.clone() for k, v in source.state_dict().items()}
     corrupt(sd)
     target = ExtendedStateTensor(4)
     before = snapshot(target)
-    with pytest.raises(RuntimeError, match=r"ExtendedStateTensor|size mismatch"):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         target.load_state_dict(sd)
     assert_unchanged(target, before)
 
