@@ -54,6 +54,7 @@ from .checkpoint_errors import (
     UnsafeCheckpointError,
 )
 from .checkpoint_format import (
+    BACKGROUND_HASH_BYTES,
     PRIORITIES,
     CheckpointInfo,
     EncodedPayload,
@@ -303,6 +304,7 @@ class CheckpointManager:
             stage = "writing the payload"
             payload_temp = TempFile(folder, "payload", anonymous=True)
             temps.append(payload_temp)
+            payload.hash_in_background()
             payload_temp.write(payload.chunks)
             if durable:
                 payload_temp.start_writeback()  # the disk works while the digest and sidecar are made
@@ -832,9 +834,8 @@ def _read_payload(path: Path, info: CheckpointInfo, sidecar: Path) -> torch.Tens
     return buffer
 
 
-# Payloads this large are hashed on a second thread, piece by piece, while the rest is
-# read (both release the GIL): a whole-layer restore costs about the longer of the two.
-_HASH_WHILE_READING_BYTES = 16 << 20
+# Payloads of BACKGROUND_HASH_BYTES or more are hashed on a second thread, piece by
+# piece, while the rest is read: a whole-layer restore costs about the longer of the two.
 _READ_PIECE_BYTES = 4 << 20
 
 
@@ -843,7 +844,7 @@ def _read_hashed(fd: int, view: memoryview) -> str | None:
     when the file ends before ``view`` is full."""
     size = view.nbytes
     digest = hashlib.sha256()
-    if size < _HASH_WHILE_READING_BYTES:
+    if size < BACKGROUND_HASH_BYTES:
         done = 0
         while done < size:
             count = os.readv(fd, [view[done:]])

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import struct
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -146,26 +147,46 @@ def lifecycle_state_of(value: Any) -> int | None:
 
 
 # ---- payload ---------------------------------------------------------------------------
+# Payloads this large are hashed on a second thread while they are written (and read).
+BACKGROUND_HASH_BYTES = 16 << 20
+
+
 class EncodedPayload:
     """A payload ready to write: ``chunks`` in file order, total ``size`` and its sha256
-    (computed when first read, so a writer can start the write first). The chunks view
-    the caller's tensors, which must not change until the payload is written."""
+    (computed when first read, so a writer can start the write first; for a large
+    payload :meth:`hash_in_background` computes it on a second thread while the payload
+    is written). The chunks view the caller's tensors, which must not change until the
+    payload is written."""
 
-    __slots__ = ("_digest", "chunks", "size")
+    __slots__ = ("_digest", "_hasher", "chunks", "size")
 
     def __init__(self, chunks: tuple[memoryview | bytes, ...], size: int) -> None:
         self.chunks = chunks
         self.size = size
         self._digest: str | None = None
+        self._hasher: threading.Thread | None = None
+
+    def hash_in_background(self) -> None:
+        """Start computing the sha256 on a second thread when the payload is large
+        (hashlib and file writes both release the GIL); :attr:`sha256` waits for it."""
+        if self.size >= BACKGROUND_HASH_BYTES and self._digest is None and self._hasher is None:
+            self._hasher = threading.Thread(target=self._hash, name="kasmina-sha256", daemon=True)
+            self._hasher.start()
 
     @property
     def sha256(self) -> str:
+        if self._hasher is not None:
+            self._hasher.join()
+            self._hasher = None
         if self._digest is None:
-            digest = hashlib.sha256()
-            for chunk in self.chunks:
-                digest.update(chunk)
-            self._digest = digest.hexdigest()
-        return self._digest
+            self._hash()
+        return self._digest  # type: ignore[return-value]
+
+    def _hash(self) -> None:
+        digest = hashlib.sha256()
+        for chunk in self.chunks:
+            digest.update(chunk)
+        self._digest = digest.hexdigest()
 
 
 def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 
 import kasmina
 from kasmina import checkpoint as ckpt
+from kasmina import checkpoint_format, durable_io
 from kasmina import checkpoint_index as ckpt_index
 from kasmina import checkpoint_scan as ckpt_scan
-from kasmina import durable_io
 from kasmina.checkpoint import (
     CheckpointCorruptError,
     CheckpointManager,
@@ -694,8 +694,16 @@ def test_without_hard_links_a_failed_rename_leaves_no_placeholder(
     assert [i.checkpoint_id for i in writer.list_checkpoints()] == [earlier]
 
 
-def test_a_large_payload_is_hashed_while_it_is_read(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ckpt, "_HASH_WHILE_READING_BYTES", 1 << 20)
+def test_a_large_payload_is_hashed_while_it_is_written_and_read(
+    manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ckpt, "BACKGROUND_HASH_BYTES", 1 << 20)
+    monkeypatch.setattr(checkpoint_format, "BACKGROUND_HASH_BYTES", 1 << 20)
+    sections = {"w": torch.arange(300_000, dtype=torch.float32), "b": [torch.ones(3), "x"]}
+    background = checkpoint_format.encode_payload(sections)
+    background.hash_in_background()
+    assert background.sha256 == checkpoint_format.encode_payload(sections).sha256
+    assert background.sha256 == hashlib.sha256(b"".join(bytes(c) for c in background.chunks)).hexdigest()
     monkeypatch.setattr(ckpt, "_READ_PIECE_BYTES", 256 << 10)  # 16 pieces of a 4 MB payload
     weights = torch.arange(1 << 20, dtype=torch.float32)
     checkpoint_id = manager.save_checkpoint("L", 0, _state(1), {"w": weights}, priority="high")
