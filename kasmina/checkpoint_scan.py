@@ -75,10 +75,15 @@ def scan_folder(folder: str | os.PathLike[str]) -> FolderScan:
     over 20,000 entries costs more than the kernel's listing), else with ``os.scandir``."""
     if not HAS_EXTENSION:
         return scan_folder_python(folder)
-    identity = folder_identity(folder)
-    started = time.time_ns()
-    path = os.fspath(folder)
+    path, identity, started = _listing_starts(folder)
     return _native_scan(identity, started, path, torch.ops.kasmina.scan_folder(path))
+
+
+def _listing_starts(folder: str | os.PathLike[str]) -> tuple[str, Identity, int]:
+    """(path, identity, start time) of a listing about to begin: the identity is read
+    before the listing, so that a change during it shows as a changed identity later."""
+    identity = folder_identity(folder)
+    return os.fspath(folder), identity, time.time_ns()
 
 
 def _native_scan(
@@ -93,8 +98,7 @@ def _native_scan(
 
 def scan_folder_python(folder: str | os.PathLike[str]) -> FolderScan:
     """:func:`scan_folder` in Python (inodes from the listing itself)."""
-    identity = folder_identity(folder)
-    started = time.time_ns()
+    _, identity, started = _listing_starts(folder)
     names: list[str] = []
     sidecars: dict[str, int] = {}
     with os.scandir(folder) as entries:
@@ -112,9 +116,7 @@ class BackgroundScan:
     lists) so that the caller can work meanwhile; ``result()`` waits for it."""
 
     def __init__(self, folder: Path) -> None:
-        self._path = os.fspath(folder)
-        self._identity = folder_identity(folder)  # read before the listing starts
-        self._started = time.time_ns()
+        self._path, self._identity, self._started = _listing_starts(folder)
         self._listing: tuple | None = None
         self._error: BaseException | None = None
         self._listing_starts = threading.Event()

@@ -157,6 +157,12 @@ class TempFile:
         anonymous, self._fd, self.name = self._fd, named._fd, named.name
         os.close(anonymous)  # type: ignore[arg-type]
 
+    def replace(self, dir_fd: int, name: str) -> None:
+        """Rename this named temp file to ``name`` in its folder (open as ``dir_fd``),
+        replacing any file there (``os.replace``); it then has no temp name left to drop."""
+        os.replace(self.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # type: ignore[arg-type]
+        self.name = None
+
     def unlink(self, dir_fd: int, name: str) -> None:
         """Undo :meth:`link` of ``name``: the file is a named temp file again (an
         anonymous one cannot be linked twice, so it keeps a temp name from now on)."""
@@ -261,7 +267,7 @@ def atomic_write(path: Path, data: Buffer | Iterable[Buffer], *, durable: bool =
             if durable:
                 temp.sync()
             if overwrite:
-                os.replace(temp.name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # type: ignore[arg-type]
+                temp.replace(dir_fd, path.name)
             else:
                 temp.link(dir_fd, path.name)
         except BaseException:

@@ -263,11 +263,13 @@ def test_a_stray_sidecar_is_not_overwritten(writer: CheckpointManager, monkeypat
     assert stray.read_text() == "not mine" and not (writer.active_dir / "L_seed0_5_1.safetensors").exists()
 
 
-def test_saves_work_without_hard_links(writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_links(*args: object, **kwargs: object) -> None:
-        raise OSError(errno.EPERM, "Operation not permitted")
+def _no_links(*args: object, **kwargs: object) -> None:
+    """os.link of a file system without hard links."""
+    raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(os, "link", no_links)
+
+def test_saves_work_without_hard_links(writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "link", _no_links)
     ids = [writer.save_checkpoint("L", 0, _state(i), priority="high") for i in range(3)]
     assert [writer.restore_checkpoint(i)["state_data"]["epoch"] for i in ids] == [0, 1, 2]
     assert not [n for n in _files(writer.active_dir) if n.startswith(TEMP_PREFIX)]
@@ -680,10 +682,7 @@ def test_without_hard_links_a_failed_rename_leaves_no_placeholder(
 ) -> None:
     """Without hard links a final name is reserved by an empty placeholder, then the temp
     file is renamed onto it (rename 1: the payload, 2: the sidecar)."""
-    def no_links(*args: object, **kwargs: object) -> None:
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "link", _no_links)
     earlier = writer.save_checkpoint("L", 0, _state(1), priority="high")
     before = _files(writer.active_dir)
     with monkeypatch.context() as patch:
