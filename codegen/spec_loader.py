@@ -247,8 +247,8 @@ def _build(path: Path, sha: str, data: dict, errors: list[str], shown: str) -> S
 
     params: list[Param] = []
     for i, p in enumerate(data["params"]):
-        if not math.isfinite(float(p["default"])):
-            err(f"params[{i}].default", f"default {p['default']} is not finite", "use a finite number")
+        if not _is_float32(float(p["default"])):
+            err(f"params[{i}].default", f"default {p['default']} is not a finite float32", _FLOAT32_HINT)
         params.append(Param(p["name"], float(p["default"]), p.get("description", "")))
     param_names = [p.name for p in params]
     for dup in _duplicates(param_names):
@@ -288,6 +288,8 @@ def _build(path: Path, sha: str, data: dict, errors: list[str], shown: str) -> S
         err("reasons", f"reason {dup} is listed twice", "list each reason once")
     for dup in _duplicates([r.code for r in reasons]):
         err("reasons", f"reason code {dup} is used twice", "give every reason its own code")
+    if sorted(r.code for r in reasons) != list(range(len(reasons))):
+        err("reasons", "reason codes are not contiguous from 0", f"use codes 0..{len(reasons) - 1}")
     for name in REQUIRED_REASONS:
         if name not in {r.name for r in reasons}:
             err("reasons", f"missing reason {name}", "the runtime reports it; add it with a message")
@@ -321,6 +323,15 @@ def _build(path: Path, sha: str, data: dict, errors: list[str], shown: str) -> S
     )
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_HINT = f"use a finite number of magnitude at most {_FLOAT32_MAX:.6g} (guards compare in float32)"
+
+
+def _is_float32(value: float) -> bool:
+    """Whether ``value`` is finite and fits float32, the type the kernels compare in."""
+    return math.isfinite(value) and abs(value) <= _FLOAT32_MAX
+
+
 def _build_guard(raw: dict, where: str, fields: set[str], params: set[str], err) -> Guard:
     mode = "all" if "all" in raw else "any"
     comparisons: list[Comparison] = []
@@ -346,8 +357,8 @@ def _build_guard(raw: dict, where: str, fields: set[str], params: set[str], err)
                 err(f"{at}.param", f"unknown param {rhs}", "declare it under params or use a declared one")
         else:
             rhs_kind, rhs = "value", float(c["value"])
-            if not math.isfinite(rhs):
-                err(f"{at}.value", f"value {c['value']} is not finite", "use a finite number")
+            if not _is_float32(rhs):
+                err(f"{at}.value", f"value {c['value']} is not a finite float32", _FLOAT32_HINT)
         comparisons.append(Comparison(lhs_kind, lhs, c["op"], rhs_kind, rhs))
     return Guard(raw["name"], mode, tuple(comparisons))
 

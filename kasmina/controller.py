@@ -30,11 +30,12 @@ loop calls :meth:`SeedController.step`; the controller then
   GRAFTING                  → STABILIZATION once alpha has reached 1
   STABILIZATION             → EVALUATING
   EVALUATING                → FINE_TUNING when the delta is positive (guard: delta and
-                            stability), else → CULLED (guard: clearly negative); after
-                            ``evaluation_budget`` × its minimum epochs without either,
-                            → ROLLED_BACK (no measurable benefit)
+                            stability), else → CULLED (guard: clearly negative); when
+                            the request is still refused after ``evaluation_budget`` ×
+                            its minimum epochs, → ROLLED_BACK (no measurable benefit)
   FINE_TUNING               → FOSSILIZED (guard: improvement and final stability); → CULLED
-                            when the delta is not positive after the budget
+                            when the delta is not positive, or FOSSILIZED is still
+                            refused, after the budget
   grafted states            → ROLLED_BACK on instability: validation loss above
                             ``rollback_loss_ratio`` × its value at germination, or (while
                             alpha is moving) stability below the policy's ``min_stability``
@@ -287,13 +288,22 @@ class SeedController:
         choose(retired & (epochs >= min_epochs), S.DORMANT, "recycle the slot")
 
         decisions = self._submit(epoch, states, target, why)
-        # Second phase: an evaluation that was neither good nor clearly bad past its budget.
-        refused = {d.seed for d in decisions if not d.accepted and d.to_state == "CULLED" and d.from_state == "EVALUATING"}
+        # Second phase: a seed whose request out of EVALUATING or FINE_TUNING was refused
+        # past the state's budget leaves it anyway: an evaluation that was neither good
+        # nor clearly bad is rolled back, a fine-tuning that did not fossilize is culled.
         fallback = torch.zeros_like(target).fill_(_NONE)
-        for seed in refused:
-            if over[S.EVALUATING][seed]:
-                fallback[seed] = int(S.ROLLED_BACK)
-                why[seed] = f"no measurable benefit (delta {float(self.delta[seed]):+.4f}) within the evaluation budget"
+        for d in decisions:
+            if d.accepted:
+                continue
+            if d.from_state == "EVALUATING" and over[S.EVALUATING][d.seed]:
+                fallback[d.seed] = int(S.ROLLED_BACK)
+                why[d.seed] = (
+                    f"no measurable benefit within the evaluation budget (delta {float(self.delta[d.seed]):+.4f}, "
+                    f"{d.to_state} refused: {d.reason})"
+                )
+            elif d.from_state == "FINE_TUNING" and d.to_state == "FOSSILIZED" and over[S.FINE_TUNING][d.seed]:
+                fallback[d.seed] = int(S.CULLED)
+                why[d.seed] = f"not fossilized within the fine-tuning budget (FOSSILIZED refused: {d.reason})"
         if (fallback != _NONE).any():
             decisions += self._submit(epoch, self._states_cpu(), fallback, why)
         return decisions

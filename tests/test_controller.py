@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -103,6 +104,50 @@ def test_no_benefit_is_rolled_back_after_the_evaluation_budget():
     refused = [d for d in decisions if d.to_state == "CULLED" and not d.accepted]
     assert refused and all(d.reason == "GUARD_FAILED" for d in refused)
     assert any("no measurable benefit" in d.why for d in decisions if d.accepted)
+
+
+def _seed_zero_in(layer: ChunkedKasminaLayer, last: str) -> None:
+    """Drive seed 0 by hand along the happy path up to ``last``."""
+    def ok(result) -> None:
+        assert result.success, result.reason
+
+    ok(layer.germinate(0, "mlp"))
+    ok(layer.transition(0, "GERMINATED", "TRAINING"))
+    layer.step_epoch()
+    ok(layer.transition(0, "TRAINING", "GRAFTING", {"reconstruction_loss": 0.0}))
+    while float(layer.get_alpha()[0]) < 1.0:
+        layer.step_epoch()
+    path = ["GRAFTING", "STABILIZATION", "EVALUATING", "FINE_TUNING"]
+    context = {"performance_delta": 0.5, "stability_score": 1.0}
+    for source, target in itertools.pairwise(path[: path.index(last) + 1]):
+        layer.step_epoch()
+        ok(layer.transition(0, source, target, context))
+
+
+def _unstable_steps(layer, controller, epochs: int) -> list:
+    """Epochs in which the seed helps (delta +1/6) but half the predictions flip each
+    epoch (stability 0): every guard that wants stability refuses."""
+    decisions = []
+    for epoch in range(epochs):
+        layer.step_epoch()
+        predictions = PREDICTIONS if epoch % 2 == 0 else PREDICTIONS.flip(0)
+        decisions += controller.step(epoch, 1.0, predictions, lambda ids: torch.full((len(ids),), 1.2))
+    return [d for d in decisions if d.seed == 0]
+
+
+@pytest.mark.parametrize(
+    ("state", "refused", "fallback"), [("EVALUATING", "FINE_TUNING", "ROLLED_BACK"), ("FINE_TUNING", "FOSSILIZED", "CULLED")]
+)
+def test_a_request_refused_past_the_budget_leaves_the_state(state, refused, fallback):
+    layer, controller = make(evaluation_budget=2.0)
+    _seed_zero_in(layer, state)
+    decisions = _unstable_steps(layer, controller, 4)
+    asked = [d for d in decisions if d.from_state == state and d.to_state == refused]
+    assert asked and not any(d.accepted for d in asked) and all(d.reason == "GUARD_FAILED" for d in asked)
+    left = [d for d in decisions if d.from_state == state and d.accepted]
+    assert [d.to_state for d in left] == [fallback]
+    assert f"{refused} refused: GUARD_FAILED" in left[0].why
+    assert layer.state.lifecycle_state(0) != getattr(L, state)
 
 
 def test_loss_spike_rolls_grafted_seed_back():

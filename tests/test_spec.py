@@ -154,18 +154,26 @@ def test_guard_unknown_op(tmp_path: Path, raw: dict) -> None:
     assert any(f"transitions[{i}].guard.all[0].op" in line and "lt, le, gt, ge, eq, ne" in line for line in err.errors)
 
 
-def test_guard_value_not_finite(tmp_path: Path, raw: dict) -> None:
+@pytest.mark.parametrize("value", [float("inf"), -1.0e39])
+def test_guard_value_not_float32(tmp_path: Path, raw: dict, value: float) -> None:
     i, t = _guarded(raw, "GRAFTING")
     del t["guard"]["all"][0]["param"]
-    t["guard"]["all"][0]["value"] = float("inf")
+    t["guard"]["all"][0]["value"] = value
     err = _broken(tmp_path, raw)
-    assert any(f"transitions[{i}].guard.all[0].value" in line and "not finite" in line for line in err.errors)
+    assert any(f"transitions[{i}].guard.all[0].value" in line and "not a finite float32" in line for line in err.errors)
 
 
-def test_param_default_not_finite(tmp_path: Path, raw: dict) -> None:
-    raw["params"][0]["default"] = float("nan")
+@pytest.mark.parametrize("value", [float("nan"), 1.0e39])
+def test_param_default_not_float32(tmp_path: Path, raw: dict, value: float) -> None:
+    raw["params"][0]["default"] = value
     err = _broken(tmp_path, raw)
-    assert any("params[0].default" in line and "not finite" in line for line in err.errors)
+    assert any("params[0].default" in line and "not a finite float32" in line for line in err.errors)
+
+
+def test_reason_codes_with_a_gap(tmp_path: Path, raw: dict) -> None:
+    raw["reasons"][-1]["code"] = len(raw["reasons"]) + 3
+    err = _broken(tmp_path, raw)
+    assert any("reasons" in line and "not contiguous from 0" in line for line in err.errors)
 
 
 def test_missing_reason(tmp_path: Path, raw: dict) -> None:
