@@ -302,7 +302,7 @@ class ChunkedKasminaLayer(nn.Module):
         plan = self._plan if self._plan is not None else self._build_plan()
         flat = base.reshape(-1, self.layout.dim)
         self._aux = None
-        if self.training:
+        if self.training and flat.shape[0]:  # an empty batch has no statistics and nothing to reconstruct
             if plan.any_idle:
                 self._update_telemetry(flat.detach(), plan.idle)
             if plan.reconstruct:
@@ -344,7 +344,7 @@ class ChunkedKasminaLayer(nn.Module):
             loss = torch.where(ok, loss, 0.0)
             total = total + loss.sum()
             with torch.no_grad():
-                self._recon_sum.index_add_(0, group.seeds, loss.detach())
+                self._recon_sum.index_add_(0, group.seeds, loss.detach().to(self._recon_sum.dtype))
                 self._recon_count.index_add_(0, group.seeds, ok.int())
         return total
 

@@ -8,7 +8,8 @@ keys, each computed with a few batched tensor ops over all seeds (no loop over s
 ``transition_rate``
     Transitions committed since the previous collection, per lifecycle epoch elapsed
     (epochs count from 0, so a first collection at epoch ``e`` covers ``e + 1`` epochs;
-    per collection when no epoch is given), read from the history write counters.
+    per collection when no epoch is given), read from the history write counters (a
+    seed whose history a restore or ``load_state_dict`` rewound counts none).
 ``checkpoint_count``
     Checkpoints the layer's :class:`~kasmina.CheckpointManager` holds (0 without one).
 ``grafting_progress``
@@ -54,7 +55,7 @@ class ExtendedTelemetry:
             raise TypeError(
                 f"ExtendedTelemetry needs a ChunkedKasminaLayer or an ExtendedStateTensor, got {type(layer).__name__}"
             )
-        self._last_transitions = int(self.state.history_count.sum())
+        self._last_counts = self.state.history_count.clone()
         self._last_epoch: int | None = None
 
     # ---- the seed document's metrics -------------------------------------------------
@@ -70,8 +71,10 @@ class ExtendedTelemetry:
         }
 
     def _calculate_transition_rate(self, epoch: int | None) -> float:
-        total = int(self.state.history_count.sum())
-        delta = total - self._last_transitions
+        counts = self.state.history_count.clone()
+        # per seed, so that a seed whose history a restore rewound counts no transitions
+        # instead of subtracting from the others'
+        delta = int((counts.long() - self._last_counts.long()).clamp_min(0).sum())
         if epoch is None:
             elapsed = 1
         else:
@@ -79,7 +82,7 @@ class ExtendedTelemetry:
             if elapsed <= 0:
                 raise ValueError(f"epoch {epoch} does not advance past the previous collection's epoch {self._last_epoch}")
             self._last_epoch = epoch
-        self._last_transitions = total
+        self._last_counts = counts
         return delta / elapsed
 
     def _checkpoint_count(self) -> int:

@@ -134,6 +134,20 @@ def test_dormant_telemetry_is_the_running_chunk_mean_and_variance() -> None:
     assert math.isnan(layer.chunk_mean[1].item())  # not idle: no telemetry
 
 
+def test_an_empty_batch_leaves_telemetry_and_reconstruction_alone() -> None:
+    layer = make_layer()
+    advance(layer, 1, S.TRAINING, torch.randn(2, 6))
+    layer.train()
+    layer(torch.randn(8, 6))
+    mean, var, count = layer.chunk_mean.clone(), layer.chunk_var.clone(), layer._recon_count.clone()
+    out = layer(torch.randn(0, 6))
+    assert out.shape == (0, 10)
+    assert not torch.isnan(mean[[0, 2, 3]]).any()  # the idle seeds have statistics to keep
+    torch.testing.assert_close(layer.chunk_mean, mean, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(layer.chunk_var, var, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(layer._recon_count, count)
+
+
 # ---- lifecycle walks ----------------------------------------------------------------
 
 
@@ -503,6 +517,17 @@ def test_to_dtype_and_device_keeps_lifecycle_state() -> None:
     assert torch.equal(layer.state.state, before)
     out = layer(torch.randn(3, 6, dtype=torch.float64))
     assert out.dtype == torch.float64 and layer.alpha[0].item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_training_seed_reconstructs_in_the_layers_dtype(dtype) -> None:
+    layer = make_layer()
+    advance(layer, 0, S.TRAINING, torch.randn(4, 6))
+    layer = layer.to(dtype).train()
+    out = layer(torch.randn(8, 6, dtype=dtype))
+    assert out.dtype == dtype and layer._aux is not None
+    layer.step_epoch()
+    assert math.isfinite(layer.measured_context(0)["reconstruction_loss"])
 
 
 def test_torch_compile_matches_eager_for_a_fixed_set_of_seeds() -> None:

@@ -21,6 +21,18 @@ def walk(state: ExtendedStateTensor, ids: list[int], path: list[L]) -> None:
         assert codes.tolist() == [0] * len(ids)
 
 
+def test_a_rewound_history_never_makes_the_rate_negative():
+    state = ExtendedStateTensor(3)
+    telemetry = ExtendedTelemetry(state)
+    walk(state, [0], [L.DORMANT, L.GERMINATED])
+    saved = {k: v.clone() for k, v in state.state_dict().items()}
+    walk(state, [0], [L.GERMINATED, L.CANCELLED, L.DORMANT])
+    assert telemetry.collect_lifecycle_metrics()["transition_rate"] == 3
+    state.load_state_dict(saved)  # seed 0 back to one transition
+    walk(state, [1], [L.DORMANT, L.GERMINATED])
+    assert telemetry.collect_lifecycle_metrics()["transition_rate"] == 1
+
+
 def test_metrics_of_a_bare_state_tensor():
     state = ExtendedStateTensor(10)
     telemetry = ExtendedTelemetry(state)
