@@ -87,9 +87,9 @@ inline BlendBackwardArgs prepare_blend_backward_args(const at::Tensor& grad, con
   b.args = prepare_blend_args(base, blueprint, alpha, num_chunks, op);
   check_same_as_base(base, grad, "grad", op);
   b.grad = grad.contiguous();
-  const at::Tensor unused = b.args.base.new_empty({0});
-  b.grad_base = need_base ? b.args.base.new_empty(base.sizes()) : unused;
-  b.grad_blueprint = need_blueprint ? b.args.base.new_empty(base.sizes()) : unused;
+  // an output that is not needed is empty, and each its own tensor (outputs never alias)
+  b.grad_base = b.args.base.new_empty(need_base ? base.sizes() : at::IntArrayRef{0});
+  b.grad_blueprint = b.args.base.new_empty(need_blueprint ? base.sizes() : at::IntArrayRef{0});
   return b;
 }
 

@@ -11,10 +11,11 @@
 //
 // Work is cut into tiles of about kTileElements elements (a block of rows times a block
 // of features; kSumTileElements when grad_alpha is summed, so that folding a tile's
-// column sums stays cheap next to the tile), and the tiles into a fixed number of tasks. For grad_alpha each tile
+// column sums stays cheap next to the tile), and the tiles into tasks. Tiles and tasks
+// follow from the shape alone, never from the thread count. For grad_alpha each tile
 // sums its rows per feature in acc_t, then folds those column sums into its task's
 // per-chunk partial sums (float64); the tasks' partials are added in task order at the
-// end, so the result does not depend on thread scheduling.
+// end, so the result depends neither on thread scheduling nor on at::get_num_threads().
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -53,6 +54,9 @@ namespace {
 constexpr int64_t kTileElements = 1 << 15;
 constexpr int64_t kSumTileElements = 1 << 17;
 constexpr int64_t kMaxTileColumns = 1 << 13;  // when rows are too few to share out
+constexpr int64_t kWholeRowsMinRows = 32;     // fewer rows than this: tiles split the features too
+constexpr int64_t kMaxTasks = 256;            // enough to share out among the threads of large machines
+constexpr int64_t kMaxPartials = int64_t{1} << 22;  // bound on tasks x chunks partial sums (32 MB of float64)
 
 // A maximal range [begin, end) of features whose chunks are all active or all inactive.
 struct Run {
@@ -70,7 +74,8 @@ struct Layout {
   std::vector<Run>& runs;
   int64_t tile_rows, tile_cols, row_tiles, col_tiles, num_tasks;
 
-  Layout(const acc_t* alpha, int64_t rows_, int64_t dim_, int64_t num_chunks_, int64_t tile_elements)
+  Layout(const acc_t* alpha, int64_t rows_, int64_t dim_, int64_t num_chunks_, int64_t tile_elements,
+         int64_t max_tasks = kMaxTasks)
       : rows(rows_), dim(dim_), num_chunks(num_chunks_), weight(scratch<acc_t, 0>(static_cast<size_t>(dim_))),
         begins(scratch<int64_t, 1>(static_cast<size_t>(num_chunks_ + 1))), runs(scratch_vector<Run, 2>()) {
     runs.clear();
@@ -85,15 +90,12 @@ struct Layout {
       }
     }
     // Whole rows keep every stream sequential; rows are split only when there are too
-    // few of them to keep every thread busy.
-    const int64_t threads = static_cast<int64_t>(at::get_num_threads());
-    tile_cols = rows >= 4 * threads ? dim : std::min(dim, kMaxTileColumns);
+    // few of them to share out.
+    tile_cols = rows >= kWholeRowsMinRows ? dim : std::min(dim, kMaxTileColumns);
     tile_rows = std::max<int64_t>(1, tile_elements / tile_cols);
     row_tiles = (rows + tile_rows - 1) / tile_rows;
     col_tiles = (dim + tile_cols - 1) / tile_cols;
-    const int64_t tiles = row_tiles * col_tiles;
-    const int64_t cap = std::max<int64_t>(1, 4 * threads);
-    num_tasks = std::max<int64_t>(1, std::min(tiles, cap));
+    num_tasks = std::max<int64_t>(1, std::min(row_tiles * col_tiles, max_tasks));
   }
 
   // Runs body(row_begin, row_end, col_begin, col_end, task) for every tile, tasks in parallel.
@@ -387,20 +389,18 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
   const scalar_t* bp = a.blueprint.data_ptr<scalar_t>();
   scalar_t* gb = NB ? grad_base.data_ptr<scalar_t>() : nullptr;
   scalar_t* gp = NP ? grad_bp.data_ptr<scalar_t>() : nullptr;
-  const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, a.num_chunks,
-                             NA ? kSumTileElements : kTileElements);
-  const acc_t* weight = layout.weight;
   const int64_t S = a.num_chunks;
+  const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, S, NA ? kSumTileElements : kTileElements,
+                             NA ? std::clamp<int64_t>(kMaxPartials / S, 1, kMaxTasks) : kMaxTasks);
+  const acc_t* weight = layout.weight;
   double* partials = NA ? scratch<double, 3>(static_cast<size_t>(layout.num_tasks * S)) : nullptr;
   if constexpr (NA) std::fill(partials, partials + layout.num_tasks * S, 0.0);
-
-  // Per-feature sums of the current tile, one buffer per task (a task runs its tiles in turn).
-  acc_t* colsums = NA ? scratch<acc_t, 4>(static_cast<size_t>(layout.num_tasks * layout.tile_cols)) : nullptr;
   const int64_t streams = 3 + (NB ? 1 : 0) + (NP ? 1 : 0);
   const bool stream = streams_outputs(streams * a.rows * a.dim * static_cast<int64_t>(sizeof(scalar_t)));
 
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t task) {
-    acc_t* colsum = NA ? colsums + task * layout.tile_cols : nullptr;
+    // per-feature sums of the current tile, in the running thread's own scratch
+    acc_t* colsum = NA ? scratch<acc_t, 4>(static_cast<size_t>(layout.tile_cols)) : nullptr;
     if constexpr (NA) std::fill(colsum, colsum + (c1 - c0), acc_t(0));
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t offset = row * a.dim;

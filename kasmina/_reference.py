@@ -195,6 +195,27 @@ def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.
     return torch.where(active, b + weight * (p - b), b).to(base.dtype)
 
 
+def chunked_blend_backward(
+    grad: torch.Tensor, base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.Tensor, num_chunks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_base, grad_blueprint_out, grad_alpha) of :func:`chunked_blend` for ``grad``,
+    in differentiable torch ops (what a double backward differentiates): ``grad * (1 -
+    alpha)``, ``grad * alpha`` and the per-chunk sum of ``grad * (blueprint_out - base)``,
+    both 0 where alpha is exactly 0, whatever ``blueprint_out`` or ``grad`` hold there."""
+    acc = torch.float64 if base.dtype == torch.float64 else torch.float32
+    dim = base.shape[-1]
+    chunk = chunk_index(dim, num_chunks, base.device)
+    weight = alpha.to(acc)[chunk]
+    active = weight != 0
+    g, b = grad.to(acc), base.to(acc)
+    p = torch.where(active, blueprint_out.to(acc), b)
+    grad_base = torch.where(active, g * (1 - weight), g).to(base.dtype)  # alpha == 0 is constant there too
+    grad_blueprint = torch.where(active, g * weight, 0.0).to(base.dtype)
+    per_feature = torch.where(active, g * (p - b), 0.0).reshape(-1, dim).sum(0)
+    grad_alpha = per_feature.new_zeros(num_chunks).index_add(0, chunk, per_feature).to(alpha.dtype)
+    return grad_base, grad_blueprint, grad_alpha
+
+
 # ---- telemetry --------------------------------------------------------------------
 
 

@@ -100,7 +100,8 @@ def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.
     ``base + alpha[chunk] * (blueprint_out - base)``, computed in float32 (float64 for
     float64 inputs). A chunk whose alpha is exactly 0 returns ``base`` and never reads
     ``blueprint_out`` (it may hold NaN there); it passes no gradient to ``blueprint_out``
-    or ``alpha``. Differentiable in all three tensors and usable under
+    or ``alpha``. Differentiable in all three tensors, twice too (a backward with
+    ``create_graph=True`` computes the gradients in differentiable torch ops), and usable under
     ``torch.compile(fullgraph=True)``. Raises ValueError/TypeError for mismatched shapes,
     devices or dtypes, a wrong alpha length, or ``num_chunks`` outside ``[1, D]``.
 
@@ -149,9 +150,14 @@ if HAS_EXTENSION:
     def _chunked_blend_backward(ctx, grad):
         base, blueprint_out, alpha = ctx.saved_tensors
         need_base, need_blueprint, need_alpha = ctx.needs_input_grad[:3]
-        grad_base, grad_blueprint, grad_alpha = _BLEND_BACKWARD_OP(
-            grad, base, blueprint_out, alpha, ctx.num_chunks, need_base, need_blueprint, need_alpha
-        )
+        if torch.is_grad_enabled():  # backward(create_graph=True): the gradients get differentiated in turn
+            grad_base, grad_blueprint, grad_alpha = _reference.chunked_blend_backward(
+                grad, base, blueprint_out, alpha, ctx.num_chunks
+            )
+        else:
+            grad_base, grad_blueprint, grad_alpha = _BLEND_BACKWARD_OP(
+                grad, base, blueprint_out, alpha, ctx.num_chunks, need_base, need_blueprint, need_alpha
+            )
         return (
             grad_base if need_base else None,
             grad_blueprint if need_blueprint else None,

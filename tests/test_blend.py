@@ -4,6 +4,7 @@ autograd, opcheck and torch.compile."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -323,6 +324,50 @@ def test_gradcheck_float64(impl) -> None:
     assert torch.autograd.gradcheck(lambda b, p, a: IMPLS[impl](b, p, a, 4), inputs)
 
 
+@pytest.mark.parametrize("impl", IMPLS, ids=str)
+def test_gradgradcheck_float64(impl) -> None:
+    base, bp, alpha = make_inputs((3, 2, 11), 4, torch.float64, seed=12)
+    alpha = alpha * 0.8 + 0.1
+    inputs = tuple(t.clone().requires_grad_(True) for t in (base, bp, alpha))
+    assert torch.autograd.gradgradcheck(lambda b, p, a: IMPLS[impl](b, p, a, 4), inputs)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=str)
+def test_double_backward_ignores_alpha_zero_chunks(impl) -> None:
+    base, bp, alpha = make_inputs((4, 13), 3, torch.float64, seed=13, zero_chunks=(1,))
+    leaves = [t.clone().requires_grad_(True) for t in (base, poison(bp, alpha, 3), alpha)]
+    out = IMPLS[impl](*leaves, 3)
+    grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+    second = torch.autograd.grad(sum(g.sum() for g in grads), leaves)
+    reference = _reference.chunked_blend(*leaves, 3)
+    expected = torch.autograd.grad(
+        sum(g.sum() for g in torch.autograd.grad(reference.square().sum(), leaves, create_graph=True)), leaves
+    )
+    for got, want in zip(second, expected, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    ("shape", "num_chunks", "dtype"),
+    [((4, 300000), 13, torch.float32), ((1024, 1024), 7, torch.float64), ((40, 9000), 1000, torch.float32)],
+    ids=str,
+)
+def test_grad_alpha_does_not_depend_on_the_thread_count(shape, num_chunks, dtype) -> None:
+    base, bp, alpha = make_inputs(shape, num_chunks, dtype, seed=14)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(15)).to(dtype)
+    before = torch.get_num_threads()
+    sums = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            sums.append(torch.ops.kasmina.chunked_blend_backward(grad, base, bp, alpha, num_chunks, False, False, True)[2])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(sums[0], sums[1]) and torch.equal(sums[0], sums[2])
+
+
 @needs_extension
 def test_opcheck() -> None:
     for dtype in (torch.float32, torch.float64):
@@ -332,7 +377,8 @@ def test_opcheck() -> None:
     base, bp, alpha = make_inputs((2, 3, 8), 8, torch.bfloat16)
     torch.library.opcheck(torch.ops.kasmina.chunked_blend, (base, bp, alpha, 8))
     grad = torch.randn(2, 3, 8).to(torch.bfloat16)
-    torch.library.opcheck(torch.ops.kasmina.chunked_blend_backward, (grad, base, bp, alpha, 8, True, False, True))
+    for needs in itertools.product((False, True), repeat=3):  # outputs that are not needed must not alias
+        torch.library.opcheck(torch.ops.kasmina.chunked_blend_backward, (grad, base, bp, alpha, 8, *needs))
 
 
 def _train_step(blend: Blend, base, bp, alpha, num_chunks):
