@@ -34,6 +34,7 @@ import operator
 import os
 import queue
 import re
+import secrets
 import threading
 import time
 import warnings
@@ -90,10 +91,10 @@ __all__ = [
     "validate_layer_id",
 ]
 
-_LAYER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_CHECKPOINT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
-_SEED_ID_RE = re.compile(r"^(?P<layer>.+)_seed(?P<seed>\d+)_(?P<ms>\d+)_(?P<seq>\d+)$")
-_LAYER_CKPT_RE = re.compile(r"^(?P<layer>.+)_layer_(?P<ms>\d+)_(?P<seq>\d+)$")
+_LAYER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+_CHECKPOINT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\Z")
+_SEED_ID_RE = re.compile(r"^(?P<layer>.+)_seed(?P<seed>\d+)_(?P<ms>\d+)_(?P<seq>\d+)\Z")
+_LAYER_CKPT_RE = re.compile(r"^(?P<layer>.+)_layer_(?P<ms>\d+)_(?P<seq>\d+)\Z")
 _PAYLOAD_EXTS = (".safetensors", ".pt")
 _RETAINED = ("low", "normal")  # priorities subject to retention
 _INT32_MAX = 2**31 - 1
@@ -105,12 +106,16 @@ _SEED_ROW_PARTS = {"state": "row", "history": "history", "history_count": "histo
 
 # ---- ids ---------------------------------------------------------------------------------
 class _IdClock:
-    """Per-process (milliseconds, sequence) pairs, strictly increasing in that order."""
+    """Per-process (milliseconds, sequence) pairs, strictly increasing in that order. The
+    sequence starts at a random point in each process (a forked child draws its own), so
+    that two processes saving one seed in one millisecond do not draw the same ids: a
+    clash in ``active/`` would only cost a retry, but one with an id already archived
+    would go unnoticed."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_ms = 0
-        self._seq = 0
+        self._seq = secrets.randbits(40)
 
     def next(self) -> tuple[int, int]:
         with self._lock:
@@ -120,6 +125,7 @@ class _IdClock:
 
     def after_fork(self) -> None:
         self._lock = threading.Lock()
+        self._seq = secrets.randbits(40)
 
 
 _CLOCK = _IdClock()
@@ -131,15 +137,18 @@ def _make_id(layer_id: str, kind: str, seed_id: int | None, ms: int, seq: int) -
     return f"{layer_id}_seed{seed_id}_{ms}_{seq}" if kind == "seed" else f"{layer_id}_layer_{ms}_{seq}"
 
 
-def _parse_id(checkpoint_id: str) -> tuple[SeedKey, tuple[int, int]] | None:
-    """(key, (ms, seq)) of a checkpoint id, or None if it has none of the known forms."""
+def _id_readings(checkpoint_id: str) -> list[tuple[SeedKey, tuple[int, int]]]:
+    """Every (key, (ms, seq)) a checkpoint id can be read as: one name can fit several
+    forms (the v1 id of layer ``enc_layer`` seed 5 reads as a v2 whole-layer id of layer
+    ``enc`` too); what the file holds decides which it is."""
+    readings: list[tuple[SeedKey, tuple[int, int]]] = []
     if match := _SEED_ID_RE.match(checkpoint_id):
-        return (match["layer"], "seed", int(match["seed"])), (int(match["ms"]), int(match["seq"]))
+        readings.append(((match["layer"], "seed", int(match["seed"])), (int(match["ms"]), int(match["seq"]))))
     if match := _LAYER_CKPT_RE.match(checkpoint_id):
-        return (match["layer"], "layer", None), (int(match["ms"]), int(match["seq"]))
+        readings.append(((match["layer"], "layer", None), (int(match["ms"]), int(match["seq"]))))
     if match := V1_ID_RE.match(checkpoint_id):
-        return (match["layer"], "seed", int(match["seed"])), (int(match["ms"]), 0)
-    return None
+        readings.append(((match["layer"], "seed", int(match["seed"])), (int(match["ms"]), 0)))
+    return readings
 
 
 # ---- validation --------------------------------------------------------------------------
@@ -800,9 +809,9 @@ class CheckpointManager:
                 stem, ext = os.path.splitext(entry.name)
                 if ext not in (".json", *_PAYLOAD_EXTS) or is_temp_name(entry.name) or stem in found:
                     continue
-                parsed = _parse_id(stem)
-                if parsed is not None and parsed[0] == key:
-                    found[stem] = (parsed[1], -rank, folder)
+                order = next((order for read, order in _id_readings(stem) if read == key), None)
+                if order is not None:
+                    found[stem] = (order, -rank, folder)
         ordered = sorted(found.items(), key=lambda item: (item[1][0], item[1][1], item[0]), reverse=True)
         return [(checkpoint_id, folder) for checkpoint_id, (_, _, folder) in ordered]
 
@@ -966,6 +975,17 @@ class CheckpointRecovery:
         ``checkpoint_id`` to :meth:`CheckpointManager.restore_layer_state`."""
         return self._recover((_check_layer_id(layer_id), "layer", None), target_device)
 
+    def _load_candidate(self, folder: Path, checkpoint_id: str, device: torch.device | None) -> tuple[str, dict[str, Any]]:
+        """(location, checkpoint) of a listed candidate; one listed in ``active/`` that
+        retention has archived since is read from ``archive/``."""
+        manager = self.manager
+        if folder == manager.archive_dir:
+            return "archive", manager.load_from(folder, checkpoint_id, device)
+        try:
+            return "active", manager.load_from(folder, checkpoint_id, device)
+        except CheckpointNotFoundError:
+            return "archive", manager.load_from(manager.archive_dir, checkpoint_id, device)
+
     def _recover(self, key: SeedKey, target_device: Any) -> RecoveryResult:
         device = _device(target_device)
         skipped: list[SkippedCheckpoint] = []
@@ -973,9 +993,14 @@ class CheckpointRecovery:
         for checkpoint_id, folder in manager.candidates(key):
             location = "archive" if folder == manager.archive_dir else "active"
             try:
-                checkpoint = manager.load_from(folder, checkpoint_id, device)
+                location, checkpoint = self._load_candidate(folder, checkpoint_id, device)
             except (CheckpointCorruptError, UnsafeCheckpointError, CheckpointNotFoundError) as exc:
                 skipped.append(SkippedCheckpoint(checkpoint_id, location, str(exc)))
+                continue
+            held = (checkpoint["layer_id"], checkpoint["kind"], checkpoint["seed_id"])
+            if held != key:  # a name that fits this key's form but holds another's checkpoint
+                what = f"layer {held[0]!r}" + (f" seed {held[2]}" if held[1] == "seed" else " (whole layer)")
+                skipped.append(SkippedCheckpoint(checkpoint_id, location, f"it holds the checkpoint of {what}"))
                 continue
             return RecoveryResult(checkpoint_id, location, checkpoint, tuple(skipped))
         what = f"layer {key[0]!r}" + (f" seed {key[2]}" if key[1] == "seed" else " (whole layer)")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from .checkpoint_format import FORMAT_VERSION, PRIORITIES, CheckpointInfo, lifec
 
 __all__ = ["MIGRATIONS", "V1_ID_RE", "load_v1", "parse_v1_sidecar", "upgrade"]
 
-V1_ID_RE = re.compile(r"^(?P<layer>.+)_(?P<seed>\d+)_(?P<ms>\d+)$")
+V1_ID_RE = re.compile(r"^(?P<layer>.+)_(?P<seed>\d+)_(?P<ms>\d+)\Z")
 _REQUIRED = ("layer_id", "seed_id", "state_data")
 
 
@@ -67,6 +69,7 @@ def load_v1(path: Path) -> dict[str, Any]:
             f"refusing v1 checkpoint {path}: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set, which would make torch.load "
             "unpickle arbitrary code; unset it to load v1 checkpoints"
         )
+    _check_crcs(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -81,6 +84,21 @@ def load_v1(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or any(key not in data for key in _REQUIRED) or not isinstance(data["state_data"], dict):
         raise CheckpointCorruptError(f"v1 checkpoint {path} is not a Kasmina v1 checkpoint (needs keys {_REQUIRED})", path)
     return upgrade(data, path)
+
+
+def _check_crcs(path: Path) -> None:
+    """Check the CRC-32 of every entry of a zip-format ``.pt`` (torch.load does not);
+    :class:`CheckpointCorruptError` naming the first damaged entry. Files of torch's older
+    non-zip format carry no checksums and pass."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:
+        return
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise CheckpointCorruptError(f"v1 checkpoint {path} is corrupt or truncated: {exc}", path) from None
+    if damaged is not None:
+        raise CheckpointCorruptError(f"v1 checkpoint {path} is corrupt: its entry {damaged!r} fails its CRC-32 check", path)
 
 
 def parse_v1_sidecar(body: dict[str, Any], path: Path, *, location: str) -> CheckpointInfo:
@@ -122,8 +140,15 @@ def info_from_v1(fields: dict[str, Any], checkpoint_id: str, location: str, *, f
     )
 
 
+_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation of torch.load")
+
+
 def _reason(exc: BaseException) -> str:
+    """What torch.load(weights_only=True) objected to, without its advice to retry
+    with weights_only=False."""
     text = str(exc)
-    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
-    detail = match.group(1) if match else text.splitlines()[0] if text else type(exc).__name__
-    return " ".join(detail.split())[:300]
+    if match := re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S):
+        return " ".join(match.group(1).split())[:300]
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+    useful = [p for p in paragraphs if not p.startswith(_TORCH_BOILERPLATE)]
+    return (useful or paragraphs or [type(exc).__name__])[0][:300]

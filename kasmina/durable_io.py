@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 TEMP_PREFIX = ".kasmina-tmp-"
-_TEMP_RE = re.compile(r"^\.kasmina-tmp-(?P<pid>\d+)-\d+-.*\.tmp$")
+_TEMP_RE = re.compile(r"^\.kasmina-tmp-(?P<pid>\d+)-\d+-.*\.tmp\Z")
 _counter = itertools.count()  # next() on itertools.count is atomic under the GIL
 # Filesystems without hard links answer link() with one of these.
 _NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}

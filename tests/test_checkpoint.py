@@ -241,6 +241,24 @@ def test_ids_unique_under_8_threads_x_50_saves(tmp_path: Path) -> None:
     assert sorted(manager.verify(i).number for i in saved) == list(range(1, 401))
 
 
+def test_a_forked_process_draws_its_own_sequence() -> None:
+    """Processes start their sequences at random points, so two of them saving one seed
+    in one millisecond do not draw the same id (not even one already archived)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next sequence number and leave at once
+        os.write(write, str(ckpt._CLOCK.next()[1]).encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        child = int(os.read(read, 64))
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    mine = ckpt._CLOCK.next()[1]
+    assert abs(child - mine) > 1_000_000
+
+
 def test_a_taken_id_is_never_overwritten(writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same (ms, seq) from another process: the no-overwrite publish moves on to the next id."""
     first = writer.save_checkpoint("L", 0, _state(1), priority="high")
@@ -309,13 +327,13 @@ def test_delete_archives_or_removes(manager: CheckpointManager) -> None:
         manager.restore_checkpoint(b)
     with pytest.raises(CheckpointNotFoundError):
         manager.delete_checkpoint(b)
-    for bad in ("../x", "a/b", "", ".hidden", None):
+    for bad in ("../x", "a/b", "", ".hidden", None, f"{b}\n"):
         with pytest.raises(ValueError, match="not a valid checkpoint id"):
             manager.delete_checkpoint(bad)
 
 
 # ---- validation ----------------------------------------------------------------------------
-@pytest.mark.parametrize("layer_id", ["../escape", "a/b", "a\\b", "", ".hidden", "x" * 129, "tab\there", None, 3])
+@pytest.mark.parametrize("layer_id", ["../escape", "a/b", "a\\b", "", ".hidden", "x" * 129, "tab\there", "L\n", None, 3])
 def test_unsafe_layer_ids_are_rejected(manager: CheckpointManager, layer_id: object) -> None:
     with pytest.raises(ValueError, match="layer_id"):
         manager.save_checkpoint(layer_id, 0, _state(1))
@@ -451,6 +469,19 @@ def test_recovery_falls_back_to_archive_and_reports_when_nothing_is_left(tmp_pat
     assert len(info.value.skipped) == 2
     with pytest.raises(CheckpointNotFoundError, match="no usable checkpoint"):
         CheckpointRecovery(manager).recover_seed_state("L", 5)
+
+
+def test_recovery_reads_a_candidate_archived_since_it_was_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manager = CheckpointManager(tmp_path, max_checkpoints_per_seed=1)
+    first = manager.save_checkpoint("L", 0, _state(1))
+    listed = manager.candidates(("L", "seed", 0))
+    assert listed == [(first, manager.active_dir)]
+    second = manager.save_checkpoint("L", 0, _state(2))  # retention archives the first meanwhile
+    _damage(manager, second, "bit flip")
+    monkeypatch.setattr(manager, "candidates", lambda key: [(second, manager.active_dir), *listed])
+    result = CheckpointRecovery(manager).recover_seed_state("L", 0)
+    assert (result.checkpoint_id, result.location) == (first, "archive")
+    assert [s.checkpoint_id for s in result.skipped] == [second]
 
 
 # ---- disk full -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ on-disk migration, and refusal of pickles that would run code."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from kasmina.checkpoint import (
     CheckpointCorruptError,
     CheckpointManager,
+    CheckpointNotFoundError,
     CheckpointRecovery,
     UnsafeCheckpointError,
 )
@@ -160,6 +162,45 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(manager: Check
     result = CheckpointRecovery(manager).recover_seed_state("L", 0)
     assert result.checkpoint_id == older and result.skipped[0].checkpoint_id == checkpoint_id
     assert "refusing" in result.skipped[0].reason and not marker.exists()
+    assert "will likely succeed" not in result.skipped[0].reason  # torch's advice to load it unsafely is left out
+
+
+def test_a_bit_flip_in_a_v1_tensor_fails_its_crc(manager: CheckpointManager) -> None:
+    checkpoint_id = _write_v1(manager.active_dir, "L", 0, 1_000)
+    pt = manager.active_dir / f"{checkpoint_id}.pt"
+    raw = bytearray(pt.read_bytes())
+    at = raw.find(torch.arange(6.0).numpy().tobytes())  # the stored blueprint weight
+    raw[at + 5] ^= 0x10
+    pt.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointCorruptError, match="fails its CRC-32 check"):
+        manager.restore_checkpoint(checkpoint_id)
+    with pytest.raises(CheckpointCorruptError):
+        manager.migrate(pt)
+
+
+def test_a_v1_id_that_reads_as_a_layer_id_is_recovered_by_what_it_holds(manager: CheckpointManager) -> None:
+    checkpoint_id = _write_v1(manager.active_dir, "enc_layer", 5, 1_700_000_000_000)  # also fits <layer>_layer_<ms>_<seq>
+    recovery = CheckpointRecovery(manager)
+    assert recovery.recover_seed_state("enc_layer", 5).checkpoint_id == checkpoint_id
+    with pytest.raises(CheckpointNotFoundError) as info:
+        recovery.recover_layer_state("enc")
+    assert [s.checkpoint_id for s in info.value.skipped] == [checkpoint_id]
+    assert "holds the checkpoint of layer 'enc_layer' seed 5" in info.value.skipped[0].reason
+
+
+class _Getpid:
+    """Pickles to a call of os.getpid, from a module torch's weights-only loader blocks."""
+
+    def __reduce__(self) -> tuple:
+        return (os.getpid, ())
+
+
+def test_the_refusal_names_what_torch_objected_to(manager: CheckpointManager) -> None:
+    checkpoint_id = _write_v1(manager.active_dir, "L", 0, 1_000)
+    torch.save({"layer_id": "L", "seed_id": 0, "state_data": {"x": _Getpid()}}, manager.active_dir / f"{checkpoint_id}.pt")
+    with pytest.raises(UnsafeCheckpointError) as info:
+        manager.restore_checkpoint(checkpoint_id)
+    assert "getpid" in str(info.value) and "will likely succeed" not in str(info.value)
 
 
 def test_forced_unsafe_torch_load_is_refused(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
