@@ -4,6 +4,8 @@ kernels' (same float32 comparisons, same reason codes)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ._generated import lifecycle_tables as _t
@@ -140,11 +142,18 @@ def chunk_widths(dim: int, num_chunks: int) -> list[int]:
     return [q + 1] * r + [q] * (num_chunks - r)
 
 
+def check_num_chunks_type(num_chunks: Any, op: str = "chunked_blend") -> None:
+    """TypeError unless ``num_chunks`` is an int (a SymInt while tracing; not a bool)."""
+    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int | torch.SymInt):
+        raise TypeError(f"{op}: num_chunks must be an int, got {num_chunks!r}")
+
+
 def check_blend_args(
     base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.Tensor, num_chunks: int, op: str = "chunked_blend"
 ) -> None:
     """Raise ValueError (shapes, devices, ``num_chunks``) or TypeError (dtypes) naming the
     bad value, with the compiled kernels' messages (csrc/blend_args.h)."""
+    check_num_chunks_type(num_chunks, op)
     if base.dim() < 1:
         raise ValueError(f"{op}: base must have at least one dimension (..., D), got a scalar")
     if base.dtype not in BLEND_DTYPES:

@@ -70,7 +70,10 @@ def context_row(metrics: Mapping[str, Any] | None) -> np.ndarray:
         for index, name in enumerate(CONTEXT_FIELDS):
             value = metrics.get(name)
             if value is not None:
-                row[index] = float(value)
+                try:
+                    row[index] = float(value)
+                except (TypeError, ValueError):
+                    raise TypeError(f"metric {name!r} must be a number, got {value!r}") from None
     return row
 
 

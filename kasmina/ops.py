@@ -109,6 +109,7 @@ def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.
     of its runs of 1 KB or more with non-temporal stores (past the cache);
     ``KASMINA_STREAM_MIN_BYTES`` sets that size and ``kasmina info`` shows it.
     """
+    _reference.check_num_chunks_type(num_chunks)
     if not compiled_serves(base):
         return _reference.chunked_blend(base, blueprint_out, alpha, num_chunks)
     if torch.compiler.is_compiling():  # traced code keeps the plain op and its registered autograd

@@ -396,17 +396,30 @@ def _content_problems(state_dict: Mapping[str, Any], prefix: str) -> list[str]:
         for column in ("LIFECYCLE_STATE", "PARENT_STATE"):
             values = state[:, StateColumn[column]]
             if _outside(values, 0, NUM_STATES - 1):
-                bad = values[(values < 0) | (values >= NUM_STATES)]
-                problems.append(f"{prefix}state: {column} {int(bad[0])} is no state id (0..{NUM_STATES - 1})")
-        if any(_outside(state[:, column], 0) for column in (StateColumn.EPOCHS_IN_STATE, StateColumn.ERROR_COUNT)):
-            problems.append(f"{prefix}state: EPOCHS_IN_STATE and ERROR_COUNT must be >= 0")
+                seed, value = _first_outside(values, 0, NUM_STATES - 1)
+                problems.append(f"{prefix}state: seed {seed}'s {column} {value} is no state id (0..{NUM_STATES - 1})")
+        for column in ("EPOCHS_IN_STATE", "ERROR_COUNT"):
+            values = state[:, StateColumn[column]]
+            if _outside(values, 0):
+                seed, value = _first_outside(values, 0)
+                problems.append(f"{prefix}state: seed {seed}'s {column} is {value}; it must be >= 0")
     count = state_dict.get(prefix + "history_count")
     if count is not None and _outside(count, 0):
-        problems.append(f"{prefix}history_count must be >= 0, got {int(count.min())}")
+        seed, value = _first_outside(count, 0)
+        problems.append(f"{prefix}history_count of seed {seed} is {value}; it must be >= 0")
     history = state_dict.get(prefix + "history")
     if history is not None and _outside(history, 0, NUM_STATES - 1):
-        problems.append(f"{prefix}history holds an id that is no state (0..{NUM_STATES - 1})")
+        seed, value = _first_outside(history, 0, NUM_STATES - 1)
+        problems.append(f"{prefix}history of seed {seed} holds {value}, which is no state id (0..{NUM_STATES - 1})")
     return problems
+
+
+def _first_outside(values: torch.Tensor, low: int, high: int | None = None) -> tuple[int, int]:
+    """(seed, value) of the first of ``values`` (seeds along the first dimension) outside
+    [low, high]."""
+    bad = values < low if high is None else (values < low) | (values > high)
+    where = tuple(int(i) for i in torch.nonzero(bad)[0])
+    return where[0], int(values[where])
 
 
 def _outside(values: torch.Tensor, low: int, high: int | None = None) -> bool:

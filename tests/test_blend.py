@@ -291,6 +291,8 @@ def _error_cases() -> list[tuple[str, Callable[[], tuple], type[Exception], str]
         ("alpha_half", lambda: (b.half(), b.half(), a.half(), 5), TypeError, "alpha has dtype"),
         ("zero_chunks", lambda: (b, b, torch.rand(0), 0), ValueError, "num_chunks=0"),
         ("negative_chunks", lambda: (b, b, a, -1), ValueError, "num_chunks=-1"),
+        ("bool_chunks", lambda: (b, b, torch.rand(1), True), TypeError, "num_chunks must be an int, got True"),
+        ("float_chunks", lambda: (b, b, a, 5.0), TypeError, "num_chunks must be an int, got 5.0"),
         ("too_many_chunks", lambda: (b, b, torch.rand(11), 11), ValueError, "num_chunks=11"),
         ("meta_bp", lambda: (b, torch.empty(4, 10, device="meta"), a, 5), ValueError, "blueprint_out is on meta"),
         ("meta_alpha", lambda: (b, b, torch.empty(5, device="meta"), 5), ValueError, "alpha is on meta"),

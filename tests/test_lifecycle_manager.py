@@ -69,6 +69,8 @@ def test_bad_single_requests_raise_and_change_nothing(manager: LifecycleManager)
         manager.request_transition(0, L.DORMANT, L.GERMINATED, TransitionContext(0, L.DORMANT, L.TRAINING))
     with pytest.raises(TypeError, match="context must be"):
         manager.request_transition(0, L.DORMANT, L.GERMINATED, [0.1])
+    with pytest.raises(TypeError, match="metric 'reconstruction_loss' must be a number, got 'abc'"):
+        manager.request_transition(0, L.DORMANT, L.GERMINATED, {"reconstruction_loss": "abc"})
     assert torch.equal(manager.state.get_state(), before)
 
 

@@ -406,13 +406,16 @@ def test_state_dict_round_trip_and_owner_module() -> None:
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
-        (lambda sd: sd["state"].__setitem__((0, StateColumn.LIFECYCLE_STATE), T.NUM_STATES), f"LIFECYCLE_STATE {T.NUM_STATES} "),
-        (lambda sd: sd["state"].__setitem__((1, StateColumn.PARENT_STATE), -1), "PARENT_STATE -1 "),
-        (lambda sd: sd["state"].__setitem__((1, StateColumn.EPOCHS_IN_STATE), -5), "EPOCHS_IN_STATE and ERROR_COUNT"),
-        (lambda sd: sd["state"].__setitem__((3, StateColumn.ERROR_COUNT), -1), "EPOCHS_IN_STATE and ERROR_COUNT"),
-        (lambda sd: sd["history_count"].__setitem__(2, -1), "history_count must be >= 0, got -1"),
-        (lambda sd: sd["history"].__setitem__((0, 0, 1), 99), "history holds an id"),
-        (lambda sd: sd["history"].__setitem__((3, 1, 0), -1), "history holds an id"),
+        (
+            lambda sd: sd["state"].__setitem__((0, StateColumn.LIFECYCLE_STATE), T.NUM_STATES),
+            f"seed 0's LIFECYCLE_STATE {T.NUM_STATES} ",
+        ),
+        (lambda sd: sd["state"].__setitem__((1, StateColumn.PARENT_STATE), -1), "seed 1's PARENT_STATE -1 "),
+        (lambda sd: sd["state"].__setitem__((1, StateColumn.EPOCHS_IN_STATE), -5), "seed 1's EPOCHS_IN_STATE is -5"),
+        (lambda sd: sd["state"].__setitem__((3, StateColumn.ERROR_COUNT), -1), "seed 3's ERROR_COUNT is -1"),
+        (lambda sd: sd["history_count"].__setitem__(2, -1), "history_count of seed 2 is -1; it must be >= 0"),
+        (lambda sd: sd["history"].__setitem__((0, 0, 1), 99), "history of seed 0 holds 99"),
+        (lambda sd: sd["history"].__setitem__((3, 1, 0), -1), "history of seed 3 holds -1"),
         (lambda sd: sd.__setitem__("state", sd["state"].float()), "state: expected torch.int32"),
         (lambda sd: sd.__setitem__("history", sd["history"][:2]), f"history: expected torch.int32 (4, {T.HISTORY_LENGTH}, 2)"),
     ],
