@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno as _errno
 import hashlib
+import itertools
 import operator
 import os
 import queue
@@ -38,6 +39,7 @@ import secrets
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -223,6 +225,10 @@ class CheckpointManager:
         self._active = SidecarIndex(self.active_dir, "active", self.checkpoint_dir / ".index-cache-active.json")
         self._archive = SidecarIndex(self.archive_dir, "archive")
         self._numbers: dict[SeedKey, int] = {}
+        # per state tensor and seed: the token of the last row copy or restore; a save
+        # writes CHECKPOINT_ID only while its copy is still the newest
+        self._row_tokens: weakref.WeakKeyDictionary[ExtendedStateTensor, dict[int, int]] = weakref.WeakKeyDictionary()
+        self._next_token = itertools.count(1).__next__
         active = self._active.open()  # None: active/ is exactly as a tidy listing left it, nothing to clean or finish
         archived = self._archive.open()
         assert archived is not None  # archive/ has no snapshot, so open() always lists it
@@ -644,7 +650,8 @@ class CheckpointManager:
         ``lifecycle_state`` and the tensors ``row`` (8 int32), ``history`` (H, 2),
         ``history_count`` and ``metrics`` (4 float32). The saved row's CHECKPOINT_ID
         already holds the new checkpoint's ``number``; after the save the live column is
-        set to it too, unless it changed meanwhile (a concurrent save or restore won).
+        set to it too, unless the row was copied again or restored meanwhile (then the
+        later save or the restore decides) or the column changed otherwise.
         ``lock`` (e.g. the lifecycle manager's) is held while the row is copied and while
         CHECKPOINT_ID is written, not during the I/O."""
         layer_id = _check_layer_id(layer_id)
@@ -662,6 +669,7 @@ class CheckpointManager:
                 "history_count": state.history_count[seed_id].clone(),
                 "metrics": state.metrics[seed_id].clone(),
             }
+            token = self._claim_row(state, seed_id)
         previous = int(row[_CHECKPOINT_COLUMN])
         row[_CHECKPOINT_COLUMN] = number
         lifecycle = int(row[_LIFECYCLE_COLUMN])
@@ -674,9 +682,17 @@ class CheckpointManager:
         )
         info = self._commit(key, priority, lifecycle, payload, number)
         with lock if lock is not None else nullcontext():
-            if int(state.state[seed_id, _CHECKPOINT_COLUMN]) == previous:  # else a concurrent save or restore won
+            newest = self._row_tokens.get(state, {}).get(seed_id) == token
+            if newest and int(state.state[seed_id, _CHECKPOINT_COLUMN]) == previous:
                 state.set_checkpoint([seed_id], [number])
         return info
+
+    def _claim_row(self, state: ExtendedStateTensor, seed_id: int) -> int:
+        """A new token for ``seed_id``'s row of ``state``: the latest copy or restore."""
+        with self._lock:
+            token = self._next_token()
+            self._row_tokens.setdefault(state, {})[seed_id] = token
+            return token
 
     def restore_seed_state(
         self,
@@ -705,6 +721,7 @@ class CheckpointManager:
         with lock if lock is not None else nullcontext():
             for buffer, value in parts.items():
                 getattr(state, buffer)[seed_id] = value
+            self._claim_row(state, seed_id)  # saves in flight no longer write CHECKPOINT_ID
         return loaded
 
     # -- migration -------------------------------------------------------------------------

@@ -3,6 +3,7 @@ LifecycleManager integration (a high checkpoint after each committed transition)
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -125,6 +126,67 @@ def test_seed_state_round_trip_and_checkpoint_number(tmp_path: Path) -> None:
         manager.save_seed_state("enc", state, 8)
     with pytest.raises(ValueError, match="no seed row"):
         manager.restore_seed_state(manager.save_checkpoint("enc", 1, {"x": 1}), other)
+
+
+class _HeldCommits:
+    """Wraps a manager's _commit so that each save waits, after copying its row, until
+    the test releases it: saves of one seed can then finish in any order."""
+
+    def __init__(self, manager: CheckpointManager) -> None:
+        self.entered = [threading.Event() for _ in range(2)]
+        self.release = [threading.Event() for _ in range(2)]
+        self.calls = 0
+        commit = manager._commit
+
+        def held(*args):
+            call = self.calls
+            self.calls += 1
+            self.entered[call].set()
+            assert self.release[call].wait(30)
+            return commit(*args)
+
+        manager._commit = held
+
+
+@pytest.mark.parametrize("finish_first", [0, 1])
+def test_checkpoint_id_names_the_save_of_the_newest_row(tmp_path: Path, finish_first: int) -> None:
+    manager = CheckpointManager(tmp_path, durable=False)
+    state = ExtendedStateTensor(1)
+    lifecycle = LifecycleManager(state, checkpoint_manager=manager, layer_id="L")
+    held = _HeldCommits(manager)
+    results = {}
+    moves = [("DORMANT", "GERMINATED"), ("GERMINATED", "CANCELLED")]
+    threads = []
+    for i, (source, target) in enumerate(moves):
+
+        def request(i: int = i, source: str = source, target: str = target) -> None:
+            results[i] = lifecycle.request_transition(0, source, target)
+
+        threads.append(threading.Thread(target=request))
+        threads[i].start()
+        assert held.entered[i].wait(30)  # transition i committed and its row copied
+    for i in (finish_first, 1 - finish_first):
+        held.release[i].set()
+        threads[i].join()
+    assert all(results[i].success for i in (0, 1))
+    number = int(state.state[0, CKPT])
+    newest = manager.get_checkpoint_by_number("L", 0, number)
+    assert newest.checkpoint_id == results[1].checkpoint_id
+    assert manager.restore_checkpoint(newest.checkpoint_id)["lifecycle_state"] == int(ExtendedLifecycle.CANCELLED)
+
+
+def test_a_restore_during_a_save_keeps_the_restored_checkpoint_id(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, durable=False)
+    state = ExtendedStateTensor(1)
+    first = manager.save_seed_state("L", state, 0)
+    held = _HeldCommits(manager)
+    saving = threading.Thread(target=manager.save_seed_state, args=("L", state, 0))
+    saving.start()
+    assert held.entered[0].wait(30)
+    manager.restore_seed_state(first.checkpoint_id, state)  # CHECKPOINT_ID back to 1, as restored
+    held.release[0].set()
+    saving.join()
+    assert int(state.state[0, CKPT]) == first.number == 1
 
 
 # ---- LifecycleManager integration --------------------------------------------------------
