@@ -203,7 +203,11 @@ class CheckpointManager:
     ``max_checkpoints_per_seed``: how many ``low``/``normal`` checkpoints per seed stay in
     ``active/``; older ones are moved to ``archive/`` after each save. ``high`` and
     ``critical`` ones always stay. ``durable=False`` skips fsyncs (unsafe on power loss).
-    Thread-safe; several processes may share one folder."""
+    Thread-safe; several processes may share one folder (their ids never collide). Save
+    each seed through one manager: retention and the per-seed numbers count the
+    checkpoints this manager saved or found when it last listed the folder, so two
+    managers saving the same seed would each keep their own newest ones and number them
+    independently."""
 
     def __init__(self, checkpoint_dir: str | os.PathLike[str], max_checkpoints_per_seed: int = 5, durable: bool = True) -> None:
         if (
