@@ -52,12 +52,12 @@ def blend_inputs(shape, num_chunks, dtype, seed=0, zero_chunks=(), misaligned=Fa
     return base, bp, alpha, grad, misaligned
 
 
-def to_cuda(t: torch.Tensor, misaligned: bool) -> torch.Tensor:
-    """A contiguous CUDA copy; ``misaligned`` puts it one element past a 16-byte boundary."""
+def to_cuda(t: torch.Tensor, misaligned: int) -> torch.Tensor:
+    """A contiguous CUDA copy starting ``misaligned`` elements past a 16-byte boundary."""
     if not misaligned:
         return t.cuda()
-    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
-    out = storage[1:].view(t.shape)
+    storage = torch.empty(t.numel() + misaligned, dtype=t.dtype, device="cuda")
+    out = storage[misaligned:].view(t.shape)
     out.copy_(t)
     return out
 
@@ -67,8 +67,10 @@ BLEND_CASES = [
     ((5, 7, 40), 7, (0,), False),  # vectors straddle chunk boundaries
     ((33, 1023), 10, (1, 2), False),  # D not a multiple of the vector width
     ((8, 512), 512, (5, 100, 511), False),  # S == D
-    ((300, 96), 4, (2,), True),  # misaligned pointers: scalar path
+    ((300, 96), 4, (2,), 1),  # misaligned pointers: scalar path
+    ((300, 96), 4, (2,), 2),  # two elements off: misaligned but for float64 (16 bytes: vectorised)
     ((3000, 64), 2, (), False),  # many rows: several partial rows of grad_alpha
+    ((20000, 64), 3, (1,), False),  # more rows than one pass of the grid: the row loop strides
     ((2, 16384), 1024, tuple(range(0, 1024, 2)), False),  # half the chunks off, wide rows
     ((0, 32), 4, (), False),  # no rows
 ]
@@ -89,6 +91,18 @@ def test_chunked_blend_cuda_matches_cpu(dtype, shape, num_chunks, zero_chunks, m
     tol = 1e-9 if dtype == torch.float64 else 1e-5 * math.sqrt(max(base.numel(), 1))
     torch.testing.assert_close(got[2].cpu(), want[2], rtol=tol, atol=tol)
     assert (got[2].cpu()[alpha == 0] == 0).all()
+
+
+def test_chunked_blend_cuda_non_contiguous_inputs() -> None:
+    base, bp, alpha, grad, _ = blend_inputs((24, 40), 5, torch.float32, zero_chunks=(3,))
+    strided = [t.cuda().t().contiguous().t() for t in (base, bp, grad)]  # the same values, column-major
+    assert not any(t.is_contiguous() for t in strided)
+    out = torch.ops.kasmina.chunked_blend(strided[0], strided[1], alpha.cuda(), 5)
+    assert torch.equal(out.cpu(), torch.ops.kasmina.chunked_blend(base, bp, alpha, 5))
+    got = torch.ops.kasmina.chunked_blend_backward(strided[2], strided[0], strided[1], alpha.cuda(), 5, True, True, True)
+    want = torch.ops.kasmina.chunked_blend_backward(grad, base, bp, alpha, 5, True, True, True)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    torch.testing.assert_close(got[2].cpu(), want[2], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("needs", [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)], ids=str)

@@ -120,7 +120,9 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, const scalar_
         Pack<scalar_t, V> o;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          o.v[j] = static_cast<scalar_t>(grad_base_value<acc_t>(static_cast<acc_t>(g.v[j]), fa.a[j]));
+          // alpha == 0: out == base, so grad_base is grad itself (copied, as the CPU kernel does)
+          o.v[j] = chunk_active(fa.a[j]) ? static_cast<scalar_t>(grad_base_value<acc_t>(static_cast<acc_t>(g.v[j]), fa.a[j]))
+                                         : g.v[j];
         }
         store_pack<scalar_t, V>(grad_base + offset, o);
       }
