@@ -34,6 +34,7 @@ of 0.5 divided by an integer is exact in float32).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -71,6 +72,21 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"{name}={value!r}: must be an integer >= {minimum}",
+    )
+
+
+def _require_bound(name: str, value: Any) -> None:
+    """A stability bound: a positive number (infinity: no bound)."""
+    _require(
+        isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
+        f"{name}={value!r}: must be a number > 0 (inf for no bound)",
+    )
+
+
 @dataclass(frozen=True)
 class GraftingConfig:
     """Settings every strategy shares.
@@ -84,10 +100,7 @@ class GraftingConfig:
     abort_error_rate: float = 0.5
 
     def __post_init__(self) -> None:
-        _require(
-            isinstance(self.ramp_epochs, int) and self.ramp_epochs >= 1,
-            f"ramp_epochs={self.ramp_epochs!r}: must be an integer >= 1",
-        )
+        _require_int("ramp_epochs", self.ramp_epochs, 1)
         _require(0.0 <= self.abort_error_rate <= 1.0, f"abort_error_rate={self.abort_error_rate!r}: must be in [0, 1]")
 
 
@@ -108,10 +121,7 @@ class DriftControlledConfig(GraftingConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.drift_threshold >= 0.0, f"drift_threshold={self.drift_threshold!r}: must be >= 0")
-        _require(
-            isinstance(self.pause_epochs, int) and self.pause_epochs >= 1,
-            f"pause_epochs={self.pause_epochs!r}: must be an integer >= 1",
-        )
+        _require_int("pause_epochs", self.pause_epochs, 1)
         _require(0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay!r}: must be in [0, 1)")
 
 
@@ -130,7 +140,9 @@ class MomentumConfig(GraftingConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(0.0 <= self.momentum < 1.0, f"momentum={self.momentum!r}: must be in [0, 1)")
-        _require(self.velocity_scale >= 0.0, f"velocity_scale={self.velocity_scale!r}: must be >= 0")
+        _require(
+            0.0 <= self.velocity_scale < math.inf, f"velocity_scale={self.velocity_scale!r}: must be a finite number >= 0"
+        )
 
 
 @dataclass(frozen=True)
@@ -174,12 +186,11 @@ class StabilityConfig(GraftingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(isinstance(self.window, int) and self.window >= 1, f"window={self.window!r}: must be an integer >= 1")
+        _require_int("window", self.window, 1)
+        for name in ("max_loss_variance", "max_gradient_norm", "max_accuracy_variance"):
+            _require_bound(name, getattr(self, name))
         _require(0.0 < self.slow_factor <= 1.0, f"slow_factor={self.slow_factor!r}: must be in (0, 1]")
-        _require(
-            isinstance(self.revert_after, int) and self.revert_after >= 1,
-            f"revert_after={self.revert_after!r}: must be an integer >= 1",
-        )
+        _require_int("revert_after", self.revert_after, 1)
 
 
 # ---- context ----------------------------------------------------------------------
@@ -303,7 +314,7 @@ class GraftingStrategyBase(nn.Module, ABC):
         by one epoch. Call it once per lifecycle epoch."""
         ids = self._check(ctx)
         alpha = self._alpha(ctx, ids)
-        return alpha.clamp(0.0, 1.0)
+        return torch.where(torch.isnan(alpha), ctx.current_alpha, alpha).clamp(0.0, 1.0)  # NaN: alpha stays
 
     def on_epoch_end(self, ctx: GraftingContext) -> None:
         """Record the epoch's outcome for the seeds of ``ctx`` (no-op unless overridden)."""
@@ -358,8 +369,8 @@ class GraftingStrategyBase(nn.Module, ABC):
 
 
 def _known(x: Tensor) -> Tensor:
-    """x with NaN replaced by 0 (an unknown metric pushes nothing)."""
-    return torch.where(torch.isnan(x), torch.zeros_like(x), x)
+    """x with NaN and infinities replaced by 0 (an unknown or unusable metric pushes nothing)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
 class _DriftWatcher:
@@ -533,7 +544,7 @@ class AdaptiveGrafting(GraftingStrategyBase):
         used (seeds without a known delta keep their scores)."""
         ids = self._check(ctx)
         delta = ctx.metric("performance_delta")
-        known = ~torch.isnan(delta)
+        known = torch.isfinite(delta)
         rows, cols = ids[known], self._score_column[self.mode[ids[known]]]
         decay = self.config.score_decay
         self.scores[rows, cols] = decay * self.scores[rows, cols] + (1.0 - decay) * delta[known]

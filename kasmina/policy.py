@@ -145,7 +145,11 @@ def _check_min_epochs(state_name: str, value: Any) -> None:
 def _check_param(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"lifecycle param {name} must be a number, got {value!r}")
-    if not math.isfinite(float(value)) or abs(float(value)) > _FLOAT32_MAX:
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > _FLOAT32_MAX:
         raise ValueError(f"lifecycle param {name} must be a finite float32 number, got {value!r}")
 
 

@@ -73,6 +73,13 @@ def test_configs_default_to_the_reference_values() -> None:
         (lambda: StabilityConfig(window=0), "window=0"),
         (lambda: StabilityConfig(slow_factor=0.0), "slow_factor=0.0"),
         (lambda: AdaptiveConfig(score_decay=1.0), "score_decay=1.0"),
+        (lambda: GraftingConfig(ramp_epochs=True), "ramp_epochs=True"),
+        (lambda: DriftControlledConfig(pause_epochs=True), "pause_epochs=True"),
+        (lambda: StabilityConfig(window=True), "window=True"),
+        (lambda: StabilityConfig(revert_after=True), "revert_after=True"),
+        (lambda: MomentumConfig(velocity_scale=math.inf), "velocity_scale=inf"),
+        (lambda: StabilityConfig(max_loss_variance=math.nan), "max_loss_variance=nan"),
+        (lambda: StabilityConfig(max_gradient_norm=-1.0), "max_gradient_norm=-1.0"),
     ],
 )
 def test_bad_config_values_are_named(make, bad) -> None:
@@ -185,6 +192,18 @@ def test_momentum_unknown_delta_pushes_nothing() -> None:
     s = MomentumGrafting(2)
     close(s.compute_alpha(ctx([0, 1], [10, 10], 0.0, performance_delta=[NAN, 1.0])), [0.2, 0.21])
     assert not torch.isnan(s.velocity).any()
+
+
+@pytest.mark.parametrize("name", ["momentum", "adaptive"])
+def test_an_infinite_delta_pushes_nothing_and_alpha_stays_a_number(name) -> None:
+    s = create_strategy(name, 2, (MomentumConfig if name == "momentum" else AdaptiveConfig)(ramp_epochs=5))
+    alphas = []
+    for epoch, delta in enumerate([math.inf, -math.inf, 0.0, 0.0, 0.0]):
+        alpha = s.compute_alpha(ctx([0, 1], [epoch + 1] * 2, alphas[-1] if alphas else 0.0, performance_delta=[delta, 0.0]))
+        s.on_epoch_end(ctx([0, 1], [epoch + 1] * 2, alpha, performance_delta=[delta, 0.0]))
+        alphas.append(alpha)
+    assert all(torch.isfinite(a).all() for a in alphas) and torch.isfinite(s.velocity).all()
+    assert alphas[-1].tolist() == [1.0, 1.0]  # the ramp went on as if the delta were unknown
 
 
 # ---- Adaptive ---------------------------------------------------------------------

@@ -42,6 +42,7 @@ def test_overrides_by_name_id_and_enum() -> None:
         (dict(min_epochs={"TRAINING": 1.5}), TypeError, "min_epochs of TRAINING must be an int, got 1.5"),
         (dict(params={"no_such_param": 1.0}), ValueError, "unknown lifecycle param 'no_such_param'"),
         (dict(params={"min_stability": math.nan}), ValueError, "min_stability must be a finite float32 number, got nan"),
+        (dict(params={"min_stability": 10**400}), ValueError, "min_stability must be a finite float32 number"),
         (dict(params={"min_stability": math.inf}), ValueError, "got inf"),
         (dict(params={"min_stability": 1e39}), ValueError, "got 1e\\+39"),
         (dict(params={"min_stability": "high"}), TypeError, "min_stability must be a number, got 'high'"),
