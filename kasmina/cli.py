@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="grow a too-narrow MLP on scikit-learn's digits", description=_demo_description())
     demo.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: 120)")
-    demo.add_argument("--seeds", type=_positive_int, default=None, help="seeds in the hidden layer (default: 8)")
+    demo.add_argument("--seeds", type=_positive_int, default=None, help="seeds in the hidden layer (default: 4)")
     demo.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     demo.add_argument("--seed", type=_int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--out", default="runs", help="folder for runs (default: %(default)s)")

@@ -431,7 +431,7 @@ def tensor_digest(t: Tensor) -> int:
     data = t.detach().contiguous().cpu()
     h = hashlib.blake2b(digest_size=8)
     h.update(f"{data.dtype}{tuple(data.shape)}".encode())
-    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")  # 0-dim too
     return int.from_bytes(h.digest(), "little") >> 1
 
 

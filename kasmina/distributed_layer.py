@@ -464,7 +464,8 @@ def save_layer_checkpoint(
             ident[1:] = 255
     if sync.distributed:
         message = ident.to(sync.device)
-        sync._collective("checkpoint id broadcast", lambda: dist.broadcast(message, src=0, group=sync.group))
+        # from the group's rank 0, the one that saved (src= would name a global rank)
+        sync._collective("checkpoint id broadcast", lambda: dist.broadcast(message, group=sync.group, group_src=0))
         ident = message.cpu()
         sync.barrier()
     if ident[0] == 0:

@@ -260,3 +260,16 @@ def collectives_probe(rank: int) -> dict[str, Any]:
         "divergence": divergence,
         "world": (rank, dist.get_world_size()),
     }
+
+
+def subgroup_checkpoint(rank: int, ckpt_dir: str) -> str:
+    """A whole-layer checkpoint saved through a LifecycleSync on a group without global
+    rank 0, with a BatchNorm in the host (a 0-dim buffer for check_consistency)."""
+    group = dist.new_group([1, 2])
+    if rank == 0:
+        return "not in the group"
+    sync = LifecycleSync(group=group, controller_rank=1)
+    torch.manual_seed(0)
+    layer = ChunkedKasminaLayer(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)), 4, out_features=8)
+    sync.check_consistency(layer)
+    return save_layer_checkpoint(layer, CheckpointManager(ckpt_dir), sync)

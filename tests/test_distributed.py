@@ -189,6 +189,7 @@ def test_tensor_digest_sees_every_bit() -> None:
     assert tensor_digest(x) != tensor_digest(y)
     assert tensor_digest(x) != tensor_digest(x.reshape(10, 10))
     assert tensor_digest(torch.zeros(4, dtype=torch.int32)) != tensor_digest(torch.zeros(4, dtype=torch.float32))
+    assert tensor_digest(torch.tensor(3)) != tensor_digest(torch.tensor(4))  # 0-dim (e.g. num_batches_tracked)
 
 
 # ---- two gloo ranks -------------------------------------------------------------------------
@@ -278,6 +279,13 @@ def test_collectives_reduce_metrics_and_detect_divergence_across_two_ranks() -> 
     assert r0["flags"] == r1["flags"] == [True, False]
     for r in (r0, r1):
         assert "ranks [1] disagree with rank 0 on 1 tensor(s): differs" in r["divergence"]
+
+
+def test_a_checkpoint_through_a_subgroup_without_rank_0(tmp_path) -> None:
+    ranks = launch(_workers().subgroup_checkpoint, 3, (str(tmp_path),), **FAST)
+    assert ranks[0] == "not in the group"
+    assert ranks[1] == ranks[2] and ranks[1].startswith("layer")  # rank 1 saved, rank 2 heard the id
+    assert CheckpointManager(tmp_path).verify(ranks[1]).kind == "layer"
 
 
 def test_launch_rejects_bad_arguments() -> None:
