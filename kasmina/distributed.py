@@ -326,13 +326,20 @@ class CommandBatch:
 
     @classmethod
     def concat(cls, batches: Sequence[CommandBatch]) -> CommandBatch:
-        """The batches' commands one after the other."""
+        """The batches' commands one after the other. Call ids are renumbered (in order,
+        from 0) so that each batch's calls stay its own: two batches built or packed
+        apart may reuse the same ids."""
         if not batches:
             return cls.empty()
-        return cls(
-            *(torch.cat([getattr(b, n) for b in batches]) for n in _INT_FIELDS),
-            context=torch.cat([b.context for b in batches]),
-        )
+        calls, offset = [], 0
+        for b in batches:
+            if b.calls.numel():
+                _, dense = torch.unique_consecutive(b.calls, return_inverse=True)
+                calls.append((dense + offset).to(torch.int32))
+                offset += int(dense[-1]) + 1
+        joined = {n: torch.cat([getattr(b, n) for b in batches]) for n in _INT_FIELDS}
+        joined["calls"] = torch.cat(calls) if calls else joined["calls"]
+        return cls(*(joined[n] for n in _INT_FIELDS), context=torch.cat([b.context for b in batches]))
 
     def to_commands(self) -> list[SeedCommand]:
         """The commands as objects (for APIs that take one command at a time)."""

@@ -203,6 +203,10 @@ class CommandRecorder:
         def recorded_process(command: LayerCommand | Mapping[str, Any]) -> TransitionResult:
             if self._depth:
                 return process(command)
+            if not isinstance(command, LayerCommand):
+                command = LayerCommand.from_mapping(command)
+            if not 0 <= command.seed_id < layer.num_seeds:
+                return process(command)  # the layer refuses it on every rank: nothing to replay
             cmd = seed_command(layer, command)
             self._record(CommandBatch.from_commands([replace(cmd, call=len(self._parts))]))
             return self._nested(lambda: _process(layer, cmd, process) if cmd.kind == CommandKind.GERMINATE else process(command))

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from kasmina._generated.lifecycle_tables import CONTEXT_FIELDS, ExtendedLifecycle, Reason, StateColumn
 from kasmina.checkpoint import CheckpointManager
@@ -28,6 +29,7 @@ from kasmina.distributed import (
 )
 from kasmina.distributed_launch import LaunchError, launch
 from kasmina.distributed_layer import CommandRecorder, apply_layer_commands, restore_layer_checkpoint, save_layer_checkpoint
+from kasmina.layer import ChunkedKasminaLayer
 from kasmina.state import ExtendedStateTensor
 
 D = ExtendedLifecycle
@@ -157,6 +159,23 @@ def test_apply_commands_is_one_batched_judgement_and_records_blueprints() -> Non
     for key in before:
         assert tensor_digest(after[key][1:]) == tensor_digest(before[key][1:]), key
     assert len(apply_commands(state, CommandBatch.empty())) == 0
+
+
+def test_concatenated_batches_keep_their_calls_apart() -> None:
+    layer = ChunkedKasminaLayer(nn.Linear(4, 8), 4)
+    reports = [
+        CommandBatch.from_commands([SeedCommand.report(seed, 0, {field: 0.2})])
+        for seed, field in ((0, "performance_delta"), (1, "error_rate"))
+    ]
+    germinate = CommandBatch.from_commands([SeedCommand.germinate(2, blueprint_id=1)])
+    batch = CommandBatch.concat([*reports, germinate])
+    assert batch.calls.tolist() == [0, 1, 2]
+    apply_layer_commands(layer, batch)
+    assert layer.measured_context(0)["performance_delta"] == pytest.approx(0.2)
+    assert layer.measured_context(1)["error_rate"] == pytest.approx(0.2)
+    assert layer.state.lifecycle_state(2) == D.GERMINATED
+    grouped = CommandBatch.build(CommandKind.TRANSITION, torch.tensor([0, 1]), D.DORMANT, D.GERMINATED, call=7)
+    assert CommandBatch.concat([grouped, grouped]).calls.tolist() == [0, 0, 1, 1]  # a call stays one call
 
 
 # ---- single process: the same code path, identity collectives ---------------------------
@@ -296,6 +315,16 @@ def test_launch_rejects_bad_arguments() -> None:
         launch(w.collectives_probe, 1, backend="mpi")
     with pytest.raises(ValueError, match="start_method='thread'"):
         launch(w.collectives_probe, 1, start_method="thread")
+
+
+def test_a_recorder_lets_the_layer_refuse_seeds_it_does_not_have() -> None:
+    layer = ChunkedKasminaLayer(nn.Linear(4, 8), 4)
+    with CommandRecorder(layer) as recorder:
+        results = [layer.cancel(99), layer.germinate(-1, "mlp"), layer.germinate(99, "mlp")]
+        assert layer.germinate(1, "mlp").success
+    assert [r.success for r in results] == [False] * 3
+    assert all("does not exist" in r.reason for r in results)
+    assert recorder.batch().seed_ids.tolist() == [1]  # refusals are not replayed
 
 
 def test_a_recorded_controller_replays_bitwise_on_a_twin_layer() -> None:
