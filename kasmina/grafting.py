@@ -230,6 +230,9 @@ class GraftingContext:
         if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"seed_ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} dtype {ids.dtype}")
         self.seed_ids = ids.to(torch.long)
+        if ids.numel() > 1 and torch.unique(self.seed_ids).numel() != ids.numel():
+            repeated = self.seed_ids.sort().values
+            raise ValueError(f"seed_ids must not repeat, got seed {int(repeated[1:][repeated[1:] == repeated[:-1]][0])} twice")
         self.epochs_in_state = self._per_seed("epochs_in_state", self.epochs_in_state)
         self.current_alpha = self._per_seed("current_alpha", self.current_alpha)
         for name in _METRIC_FIELDS:

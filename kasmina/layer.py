@@ -684,6 +684,8 @@ class ChunkedKasminaLayer(nn.Module):
             aborted.append(seeds[abort])
             report.alphas.update(zip(seeds.tolist(), new_alpha.tolist(), strict=True))
         report.aborted = self._retire(torch.cat(aborted))
+        for seed in report.aborted:  # retired this epoch: the alpha it now has
+            report.alphas[seed] = float(self.alpha[seed])
 
     @staticmethod
     def _metric_column(name: str) -> int:

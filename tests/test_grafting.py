@@ -97,6 +97,11 @@ def test_wrong_config_type_and_bad_num_seeds_are_refused() -> None:
 # ---- context ----------------------------------------------------------------------
 
 
+def test_context_refuses_repeated_seed_ids() -> None:
+    with pytest.raises(ValueError, match="seed_ids must not repeat, got seed 3 twice"):
+        ctx([1, 3, 2, 3], [1, 1, 1, 1], 0.0)
+
+
 def test_context_broadcasts_numbers_and_rejects_bad_shapes() -> None:
     c = GraftingContext([3, 5], 4, [0.1, 0.2], performance_delta=0.5)
     assert c.epochs_in_state.tolist() == [4.0, 4.0] and c.performance_delta.tolist() == [0.5, 0.5]

@@ -438,6 +438,7 @@ def test_strategy_abort_rolls_back() -> None:
     layer.report_metrics(2, error_rate=0.7)
     report = layer.step_epoch()
     assert report.aborted == {2: "ROLLED_BACK"} and layer.alpha[2] == 0
+    assert report.alphas[2] == 0.0  # the alpha the seed has after the abort, not the strategy's proposal
 
 
 # ---- optimizer hook -----------------------------------------------------------------
