@@ -91,6 +91,8 @@ class DemoConfig:
             device = torch.device(self.device)
         except RuntimeError as exc:
             raise DemoError(f"--device {self.device!r} is not a torch device ({exc})") from None
+        if device.type not in ("cpu", "cuda"):
+            raise DemoError(f"--device {self.device}: the demo trains on cpu or cuda")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise DemoError(f"--device {self.device}: no CUDA device is available")
 

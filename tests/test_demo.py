@@ -134,6 +134,8 @@ def test_user_errors(tmp_path, finished, capsys):
     assert err.count("\n") == 1 and "no config.json" in err
     if not torch.cuda.is_available():
         assert main(["demo", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--device", "meta", "--out", str(tmp_path / "meta")]) == 2
+    assert "trains on cpu or cuda" in capsys.readouterr().err and not (tmp_path / "meta").exists()
 
 
 def test_tensorboard_events_are_written(tmp_path):
