@@ -535,6 +535,8 @@ class LifecycleSync:
                 raise TypeError(f"metric {n!r}: complex tensors cannot be reduced")
             if inplace and not isinstance(metrics[n], Tensor):
                 raise TypeError(f"metric {n!r}: inplace=True needs tensors, got {type(metrics[n]).__name__}")
+            if op_of[n] == "mean" and not v.is_floating_point():
+                raise TypeError(f"metric {n!r}: a mean of {v.dtype} values would be truncated; pass floats or use sum")
         if not self.distributed:
             return values if inplace else {n: v.clone() for n, v in values.items()}
         out: dict[str, Tensor] = {}

@@ -194,6 +194,8 @@ def test_single_process_sync_is_the_identity() -> None:
     sync.barrier()
     with pytest.raises(ValueError, match="unknown reduction"):
         sync.reduce_metrics(metrics, "median")
+    with pytest.raises(TypeError, match=r"'errors': a mean of torch\.int64 values would be truncated"):
+        sync.reduce_metrics(metrics)
     with pytest.raises(ValueError, match="unknown metric"):
         sync.reduce_metrics(metrics, {"accuracy": "max"})
     with pytest.raises(ValueError, match="capacity=0"):
