@@ -327,9 +327,11 @@ class ChunkedKasminaLayer(nn.Module):
 
     def _run_group(self, group: _Group, x: Tensor) -> Tensor:
         """(K, N, w) blueprint outputs of a group on (K, N, w) inputs; flags the seeds
-        whose parameters or outputs are not finite."""
+        whose parameters are not finite, or whose outputs are not finite on finite inputs
+        (a non-finite input is the host's doing, not the blueprint's)."""
         out, finite_params = evaluate_group(group.kind, group.stacks, x)
-        ok = finite_params & torch.isfinite(out.detach()).flatten(1).all(1)
+        finite_in = torch.isfinite(x.detach()).flatten(1).all(1)
+        ok = finite_params & (torch.isfinite(out.detach()).flatten(1).all(1) | ~finite_in)
         with torch.no_grad():
             self.fault[group.seeds] = self.fault[group.seeds] | ~ok
         return out
@@ -800,6 +802,10 @@ def _gather(group: _Group, flat: Tensor) -> Tensor:
 
 
 def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    with torch.no_grad():  # this epoch's measurements belong to the state that was replaced
+        module._recon_sum.zero_()  # type: ignore[operator]
+        module._recon_count.zero_()  # type: ignore[operator]
+    module._aux = None
     module._invalidate()  # type: ignore[operator]
 
 

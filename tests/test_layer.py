@@ -431,6 +431,32 @@ def test_nan_blueprint_is_contained_and_retired(state, retired) -> None:
     assert layer.state.lifecycle_state(1) == retired and layer.state.state[1, StateColumn.ERROR_COUNT] == 1
 
 
+def test_a_non_finite_input_faults_no_blueprint() -> None:
+    layer = make_layer()
+    x = torch.randn(8, 6)
+    advance(layer, 1, S.GRAFTING, x)
+    layer.step_epoch()
+    bad = x.clone()
+    bad[0, 0] = float("nan")  # one corrupt sample: the host's output is NaN there, the blueprint is fine
+    with torch.no_grad():
+        layer(bad)
+    assert not layer.fault.any()
+    assert layer.step_epoch().faulted == {} and layer.state.lifecycle_state(1) == S.GRAFTING
+
+
+def test_load_state_dict_drops_the_epochs_measurements() -> None:
+    source, target = make_layer(), make_layer()
+    x = torch.randn(8, 6)
+    for layer in (source, target):
+        advance(layer, 1, S.TRAINING, x)
+    target.train()
+    target(x * 100)  # a large reconstruction error, measured but not yet closed by step_epoch
+    assert target._recon_count[1] == 1
+    target.load_state_dict(source.state_dict())
+    assert target._recon_count.sum() == 0 and target.auxiliary_loss() == 0
+    assert target.measured_context(1) == source.measured_context(1)
+
+
 def test_strategy_abort_rolls_back() -> None:
     layer = make_layer()
     advance(layer, 2, S.GRAFTING, torch.randn(4, 6))
