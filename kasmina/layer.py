@@ -157,6 +157,9 @@ class LifecycleCommand:
         return cls(**data)
 
 
+_FLOAT32_BUFFERS = ("chunk_mean", "chunk_var", "reconstruction_loss", "reported", "_recon_sum")
+
+
 @dataclass
 class EpochReport:
     """What :meth:`ChunkedKasminaLayer.step_epoch` did: seeds moved out because their
@@ -420,8 +423,17 @@ class ChunkedKasminaLayer(nn.Module):
         self._plan = None
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Device moves apply to every tensor; a dtype cast (``.half()``, ``.double()``)
+        leaves the bookkeeping buffers float32, the type guards compare in (a bfloat16
+        stability of 0.95 would read 0.949)."""
         self._invalidate()
-        return super()._apply(fn, recurse)
+        kept = {name: self._buffers[name] for name in _FLOAT32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
 
     # ---- blueprints -------------------------------------------------------------------
 

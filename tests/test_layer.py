@@ -555,6 +555,9 @@ def test_a_training_seed_reconstructs_in_the_layers_dtype(dtype) -> None:
     assert out.dtype == dtype and layer._aux is not None
     layer.step_epoch()
     assert math.isfinite(layer.measured_context(0)["reconstruction_loss"])
+    layer.report_metrics(0, stability_score=0.95)  # kept in float32, the type guards compare in
+    assert layer.reported.dtype == torch.float32 and layer.measured_context(0)["stability_score"] == pytest.approx(0.95)
+    assert all(getattr(layer, name).dtype == torch.float32 for name in ("chunk_mean", "reconstruction_loss", "_recon_sum"))
 
 
 def test_torch_compile_matches_eager_for_a_fixed_set_of_seeds() -> None:
