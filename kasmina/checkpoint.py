@@ -244,6 +244,14 @@ class CheckpointManager:
         if active is not None:
             self._finish_interrupted_moves(active, archived)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its arguments: unpickling opens the folder afresh."""
+        return (type(self), (self.checkpoint_dir, self.max_checkpoints_per_seed, self.durable))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CheckpointManager:
+        """A manager is a handle on a folder: a deep copy of what holds it shares it."""
+        return self
+
     def __repr__(self) -> str:
         return (
             f"CheckpointManager({str(self.checkpoint_dir)!r}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from kasmina._generated.lifecycle_tables import (
     StateColumn,
 )
 from kasmina._reference import chunk_widths
+from kasmina.checkpoint import CheckpointManager
 from kasmina.grafting import GraftingConfig
 from kasmina.layer import ChunkedKasminaLayer, ChunkLayout, LifecycleCommand
 from kasmina.policy import LifecyclePolicy
@@ -594,6 +596,19 @@ def test_deepcopy_is_an_independent_working_layer() -> None:
     assert twin.blueprint(0) is not layer.blueprint(0)
 
 
+def test_a_layer_with_a_checkpoint_manager_copies_and_pickles(tmp_path) -> None:
+    manager = CheckpointManager(tmp_path, durable=False)
+    layer = make_layer(checkpoint_manager=manager)
+    twin = copy.deepcopy(layer)
+    assert twin.lifecycle.checkpoint_manager is manager  # copies share the folder's manager
+    revived = pickle.loads(pickle.dumps(layer))
+    again = revived.lifecycle.checkpoint_manager
+    assert again is not manager and again.checkpoint_dir == manager.checkpoint_dir and not again.durable
+    for copied in (twin, revived):
+        result = copied.germinate(1, "mlp")
+        assert result.success and result.checkpoint_id is not None
+
+
 def test_dict_commands() -> None:
     layer = make_layer()
     ok(layer.process_lifecycle_command({"type": "germinate", "seed_id": 0, "blueprint_id": 3, "strategy": "adaptive"}))
@@ -611,8 +626,6 @@ def test_dict_commands() -> None:
 
 
 def test_transitions_checkpoint_under_the_layer_id_with_blueprint_weights(tmp_path) -> None:
-    from kasmina.checkpoint import CheckpointManager
-
     manager = CheckpointManager(tmp_path, durable=False)
     layer = ChunkedKasminaLayer(nn.Linear(6, 8), 4, layer_id="encoder.fc1", policy=POLICY, checkpoint_manager=manager)
     ok(layer.germinate(1, "residual_linear", "linear"))
