@@ -44,7 +44,6 @@ from . import ops
 from ._generated.lifecycle_tables import (
     CONTEXT_FIELDS,
     EDGE_MATRIX,
-    EDGES,
     GRAFTING_STRATEGY_NAMES,
     NUM_STATES,
     STATE_ALPHA_SOURCE,
@@ -770,16 +769,14 @@ class ChunkedKasminaLayer(nn.Module):
     def _make_lifecycle(self, checkpoint_manager: Any, policy: LifecyclePolicy | None) -> LifecycleManager:
         """The layer's manager: checkpoints go under the layer's id and carry the seed's
         blueprint weights; every committed transition reaches :meth:`_on_transition`."""
-        manager = LifecycleManager(
+        return LifecycleManager(
             self.state,
             checkpoint_manager=checkpoint_manager,
             policy=policy,
             layer_id=self.layer_id,
             blueprint_state=self._blueprint_state,
+            follow=self._on_transition,  # before the checkpoint: it holds the blueprint the seed now has
         )
-        for src, dst in EDGES:
-            manager.register_transition_callback(src, dst, self._on_transition)
-        return manager
 
     def _blueprint_state(self, seed_id: int) -> dict[str, Tensor] | None:
         blueprint = self.blueprint(seed_id)

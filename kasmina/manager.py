@@ -134,7 +134,10 @@ class LifecycleManager:
     the blueprint state ``blueprint_state(seed_id)`` returns, when given) and stores its
     number in CHECKPOINT_ID (:func:`kasmina.checkpoint.checkpoint_after_transition`);
     ``policy`` (default: the spec's) sets minimum epochs and guard thresholds;
-    ``history_limit`` bounds the log of :meth:`get_transition_history`.
+    ``history_limit`` bounds the log of :meth:`get_transition_history`; ``follow``, the
+    owner's own follow-up of every committed transition (called like a callback; the
+    layer allocates or frees the seed's blueprint there), runs before the checkpoint is
+    saved and before the callbacks, so that both see the seed as it now is.
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class LifecycleManager:
         history_limit: int = 1000,
         layer_id: str = "layer",
         blueprint_state: Callable[[int], Mapping[str, torch.Tensor] | None] | None = None,
+        follow: TransitionCallback | None = None,
     ) -> None:
         if not isinstance(state, ExtendedStateTensor):
             raise TypeError(f"state must be an ExtendedStateTensor, got {type(state).__name__}")
@@ -163,6 +167,7 @@ class LifecycleManager:
         self._validator = StateTransition(self._policy)
         self._lock = threading.Lock()
         self._callbacks: dict[tuple[int, int], list[TransitionCallback]] = {}
+        self._follow = follow
         self._log: deque[TransitionRecord] = deque(maxlen=history_limit)
         self._single: _SingleRequest | None = None
 
@@ -237,7 +242,7 @@ class LifecycleManager:
             codes = self.state.apply_transitions(seed_ids, from_states, to_states, context, policy=self._policy)
         counts = torch.bincount(codes.to(torch.int64), minlength=len(REASON_NAMES)).tolist()
         errors: list[str] = []
-        if self._callbacks and counts[Reason.OK]:
+        if (self._callbacks or self._follow) and counts[Reason.OK]:
             errors = self._batch_callbacks(seed_ids, from_states, to_states, context, codes)
         self._log.append(
             TransitionRecord(
@@ -326,13 +331,16 @@ class LifecycleManager:
     ) -> TransitionResult:
         errors: tuple[str, ...] = ()
         saved = _NO_CHECKPOINT
-        if code == Reason.OK and (self.checkpoint_manager is not None or (src, dst) in self._callbacks):
+        if code == Reason.OK and (
+            self.checkpoint_manager is not None or self._follow is not None or (src, dst) in self._callbacks
+        ):
             context = given if given is not None else TransitionContext(seed_id, src, dst, performance_metrics=metrics)
-            if self.checkpoint_manager is not None:  # before the callbacks, so they see CHECKPOINT_ID
+            follow_errors = self._call([self._follow] if self._follow else [], seed_id, src, dst, context)
+            if self.checkpoint_manager is not None:  # after the follow-up, before the callbacks (they see CHECKPOINT_ID)
                 saved = checkpoint_after_transition(
                     self.checkpoint_manager, self.layer_id, self.state, seed_id, self._lock, self.blueprint_state
                 )
-            errors = tuple(self._after_commit(seed_id, src, dst, context))
+            errors = (*follow_errors, *self._after_commit(seed_id, src, dst, context))
         self._log.append(
             TransitionRecord(
                 time=time.time(),
@@ -355,11 +363,13 @@ class LifecycleManager:
         return self._run_callbacks(seed_id, src, dst, context)
 
     def _run_callbacks(self, seed_id: int, src: int, dst: int, context: TransitionContext) -> list[str]:
-        callbacks = self._callbacks.get((src, dst))
-        if not callbacks:
-            return []
+        return self._call(list(self._callbacks.get((src, dst), ())), seed_id, src, dst, context)
+
+    @staticmethod
+    def _call(callbacks: list[TransitionCallback], seed_id: int, src: int, dst: int, context: TransitionContext) -> list[str]:
+        """Call each of ``callbacks``; the errors of those that raised (logged too)."""
         errors = []
-        for fn in list(callbacks):
+        for fn in callbacks:
             try:
                 fn(seed_id, ExtendedLifecycle(src), ExtendedLifecycle(dst), context)
             except Exception as exc:  # a callback must not undo or corrupt the transition
@@ -376,18 +386,17 @@ class LifecycleManager:
         src = st._state_arg(from_states, "from_states", ids.shape[0]).to(torch.int64)
         dst = st._state_arg(to_states, "to_states", ids.shape[0]).to(torch.int64)
         ctx = st._context_arg(context, ids.shape[0])
-        accepted = codes == Reason.OK
+        follow = [self._follow] if self._follow else []
         errors: list[str] = []
-        for (edge_src, edge_dst) in list(self._callbacks):
-            mask = accepted & (src == edge_src) & (dst == edge_dst)
-            for k in torch.nonzero(mask).flatten().tolist():
-                metrics = {
-                    name: value
-                    for name, value in zip(CONTEXT_FIELDS, ctx[k].tolist(), strict=True)
-                    if not math.isnan(value)
-                }
-                seed = int(ids[k])
-                errors += self._run_callbacks(
-                    seed, edge_src, edge_dst, TransitionContext(seed, edge_src, edge_dst, performance_metrics=metrics)
-                )
+        for k in torch.nonzero(codes == Reason.OK).flatten().tolist():
+            edge_src, edge_dst = int(src[k]), int(dst[k])
+            callbacks = follow + list(self._callbacks.get((edge_src, edge_dst), ()))
+            if not callbacks:
+                continue
+            metrics = {
+                name: value for name, value in zip(CONTEXT_FIELDS, ctx[k].tolist(), strict=True) if not math.isnan(value)
+            }
+            seed = int(ids[k])
+            context = TransitionContext(seed, edge_src, edge_dst, performance_metrics=metrics)
+            errors += self._call(callbacks, seed, edge_src, edge_dst, context)
         return errors

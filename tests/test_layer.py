@@ -638,3 +638,20 @@ def test_transitions_checkpoint_under_the_layer_id_with_blueprint_weights(tmp_pa
     for name, value in expected.items():
         assert torch.equal(restored["blueprint_state"][name], value)
     assert int(layer.state.state[1, StateColumn.CHECKPOINT_ID]) == latest.number
+
+
+def test_a_transition_checkpoint_holds_the_seed_as_the_transition_left_it(tmp_path) -> None:
+    """The layer allocates or frees the blueprint before the checkpoint is written."""
+    manager = CheckpointManager(tmp_path, durable=False)
+    layer = ChunkedKasminaLayer(nn.Linear(6, 8), 4, policy=POLICY, checkpoint_manager=manager)
+    germinated = layer.germinate(2, "mlp")
+    saved = manager.restore_checkpoint(germinated.checkpoint_id)
+    assert saved["state_data"]["row"][StateColumn.BLUEPRINT_ID] == layer.blueprint_registry.resolve("mlp")
+    assert set(saved["blueprint_state"]) == set(layer.blueprint(2).state_dict())
+    ok(layer.cancel(2))
+    for _ in range(POLICY.min_epochs_of("CANCELLED")):
+        layer.step_epoch()
+    recycled = layer.recycle(2)
+    assert recycled.success
+    saved = manager.restore_checkpoint(recycled.checkpoint_id)
+    assert saved["state_data"]["row"][StateColumn.BLUEPRINT_ID] == -1 and saved["blueprint_state"] is None
