@@ -69,14 +69,17 @@ def plot_lifecycle(records: list[dict[str, Any]], path: Path, num_seeds: int) ->
         frameon=False,
     )
 
-    bottom.plot(epochs, [r["train_loss"] for r in records], label="train loss", color="#6baed6")
-    val_loss = np.array([r["val_loss"] for r in records])
+    def series(key: str) -> np.ndarray:  # records read back from JSONL hold None where NaN was written
+        return np.array([math.nan if r[key] is None else r[key] for r in records], dtype=float)
+
+    bottom.plot(epochs, series("train_loss"), label="train loss", color="#6baed6")
+    val_loss = series("val_loss")
     bottom.plot(epochs, val_loss, label="validation loss", color="#08519c")
     bottom.set_yscale("log")
     bottom.set_ylabel("cross-entropy (log scale)")
     bottom.set_xlabel("epoch")
     accuracy_axis = bottom.twinx()
-    accuracy_axis.plot(epochs, [r["val_accuracy"] for r in records], label="validation accuracy", color="#636363", linestyle="--")
+    accuracy_axis.plot(epochs, series("val_accuracy"), label="validation accuracy", color="#636363", linestyle="--")
     accuracy_axis.set_ylabel("validation accuracy")
     shown: set[str] = set()
     index = {int(e): i for i, e in enumerate(epochs)}
@@ -88,6 +91,8 @@ def plot_lifecycle(records: list[dict[str, Any]], path: Path, num_seeds: int) ->
             marker, colour, label = mark
             # Germinations sit just below the validation curve, outcomes just above it.
             y = val_loss[index[int(record["epoch"])]] * (0.85 if label == "germinated" else 1.18)
+            if not math.isfinite(y):
+                continue  # no validation loss that epoch: nothing to sit on
             bottom.scatter([record["epoch"]], [y], marker=marker, color=colour, s=90, zorder=5,
                            label=None if label in shown else label)  # fmt: skip
             shown.add(label)

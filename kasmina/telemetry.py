@@ -31,6 +31,7 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -161,10 +162,14 @@ class JsonlWriter:
 
 
 def _nan_to_none(value: Any) -> Any:
+    """``value`` as JSON can hold it: NaN and infinities as None, NumPy and 0-dim tensor
+    scalars as Python numbers."""
     if isinstance(value, dict):
         return {k: _nan_to_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_nan_to_none(v) for v in value]
+    if isinstance(value, np.generic | torch.Tensor) and getattr(value, "ndim", 1) == 0:
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

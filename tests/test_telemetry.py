@@ -6,7 +6,9 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
+import torch
 
 from kasmina import ExtendedLifecycle as L
 from kasmina.state import ExtendedStateTensor
@@ -72,13 +74,33 @@ def test_jsonl_writer_round_trip(tmp_path):
     path = tmp_path / "deep" / "t.jsonl"
     with JsonlWriter(path, mode="w") as writer:
         writer.write({"epoch": 1, "alpha": float("nan"), "nested": {"x": [1.5, float("inf")]}})
-        writer.write({"epoch": 2})
+        writer.write({"epoch": 2, "np": np.float32(0.5), "t": torch.tensor(3), "nan32": np.float32("nan")})
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert lines == [{"epoch": 1, "alpha": None, "nested": {"x": [1.5, None]}}, {"epoch": 2}]
+    assert lines == [
+        {"epoch": 1, "alpha": None, "nested": {"x": [1.5, None]}},
+        {"epoch": 2, "np": 0.5, "t": 3, "nan32": None},  # NumPy and 0-dim tensor scalars as numbers
+    ]
     with pytest.raises(ValueError, match="closed"):
         writer.write({})
     with pytest.raises(ValueError, match="mode"):
         JsonlWriter(path, mode="r")
+
+
+def test_the_lifecycle_plot_takes_records_read_back_from_jsonl(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kasmina.demo_report import plot_lifecycle
+
+    records = [
+        {"epoch": e, "seed_states": [0, 1], "train_loss": 1.0, "val_loss": v, "val_accuracy": 0.5, "decisions": d}
+        for e, v, d in ((0, 1.0, []), (1, math.nan, [{"to_state": "CULLED"}]), (2, 0.9, [{"to_state": "GERMINATED"}]))
+    ]
+    with JsonlWriter(tmp_path / "r.jsonl", mode="w") as writer:
+        for record in records:
+            writer.write(record)
+    back = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert back[1]["val_loss"] is None
+    plot_lifecycle(back, tmp_path / "lifecycle.png", 2)
+    assert (tmp_path / "lifecycle.png").stat().st_size > 0
 
 
 def test_tensorboard_writer_needs_tensorboard(tmp_path, monkeypatch):
