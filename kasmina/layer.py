@@ -70,6 +70,9 @@ GRAFTING_SIGNALS = ("loss_variance", "accuracy_variance", "gradient_norm")
 
 _COMMANDS = ("germinate", "transition", "cancel", "rollback", "recycle")
 _STRATEGY_STATES = tuple(s for s in range(NUM_STATES) if STATE_ALPHA_SOURCE[s] == "strategy")
+# States whose blueprint runs at a fixed alpha (entering one must not change the seed's alpha), and that alpha.
+_FIXED_ALPHA_RUNS = tuple(bool(STATE_BLUEPRINT_RUNS[s]) and STATE_ALPHA_SOURCE[s] != "strategy" for s in range(NUM_STATES))
+_FIXED_ALPHA = tuple(1.0 if STATE_ALPHA_SOURCE[s] == "one" else 0.0 for s in range(NUM_STATES))
 
 
 # ---- chunk layout -------------------------------------------------------------------
@@ -572,6 +575,23 @@ class ChunkedKasminaLayer(nn.Module):
         )
         return TransitionResult(False, Reason.GUARD_FAILED, message, seed, src, dst)
 
+    def _output_jumps(self, ids: Tensor, src: Tensor, dst: Tensor, context: Tensor) -> Tensor:
+        """(K,) the requests of a batch that :meth:`_continuity_refusal` refuses (the
+        rare candidates, whose alpha would change while the blueprint keeps running, are
+        judged one by one)."""
+        device = ids.device
+        fixed = torch.tensor(_FIXED_ALPHA_RUNS, device=device)
+        target = torch.tensor(_FIXED_ALPHA, device=device)
+        known = (ids >= 0) & (ids < self.num_seeds) & (dst >= 0) & (dst < NUM_STATES)
+        to = dst.clamp(0, NUM_STATES - 1)
+        alpha = self.alpha.detach().float().to(device)[ids.clamp(0, self.num_seeds - 1)]
+        candidates = known & fixed[to] & (alpha != target[to])
+        vetoed = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        for k in torch.nonzero(candidates).flatten().tolist():
+            metrics = {n: v for n, v in zip(CONTEXT_FIELDS, context[k].tolist(), strict=True) if not math.isnan(v)}
+            vetoed[k] = self._continuity_refusal(int(ids[k]), int(src[k]), int(dst[k]), metrics) is not None
+        return vetoed
+
     def _on_transition(self, seed: int, src: ExtendedLifecycle, dst: ExtendedLifecycle, context: TransitionContext) -> None:
         """Follow a committed transition (any path through ``self.lifecycle``)."""
         dst_id = int(dst)
@@ -776,6 +796,7 @@ class ChunkedKasminaLayer(nn.Module):
             layer_id=self.layer_id,
             blueprint_state=self._blueprint_state,
             follow=self._on_transition,  # before the checkpoint: it holds the blueprint the seed now has
+            veto=self._output_jumps,
         )
 
     def _blueprint_state(self, seed_id: int) -> dict[str, Tensor] | None:

@@ -42,6 +42,7 @@ _REASONS = tuple(Reason(code) for code in range(len(REASON_NAMES)))
 _NO_CHECKPOINT = TransitionCheckpoint(None, None, None)
 
 TransitionCallback = Callable[[int, ExtendedLifecycle, ExtendedLifecycle, TransitionContext], Any]
+BatchVeto = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -137,7 +138,10 @@ class LifecycleManager:
     ``history_limit`` bounds the log of :meth:`get_transition_history`; ``follow``, the
     owner's own follow-up of every committed transition (called like a callback; the
     layer allocates or frees the seed's blueprint there), runs before the checkpoint is
-    saved and before the callbacks, so that both see the seed as it now is.
+    saved and before the callbacks, so that both see the seed as it now is; ``veto``
+    (the owner's rule beyond the spec's guards, for batches: single requests are checked
+    by the owner before they get here) takes a batch's (K,) seed ids, from and to states
+    and (K, F) context and returns the (K,) requests to refuse with GUARD_FAILED.
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class LifecycleManager:
         layer_id: str = "layer",
         blueprint_state: Callable[[int], Mapping[str, torch.Tensor] | None] | None = None,
         follow: TransitionCallback | None = None,
+        veto: BatchVeto | None = None,
     ) -> None:
         if not isinstance(state, ExtendedStateTensor):
             raise TypeError(f"state must be an ExtendedStateTensor, got {type(state).__name__}")
@@ -168,6 +173,7 @@ class LifecycleManager:
         self._lock = threading.Lock()
         self._callbacks: dict[tuple[int, int], list[TransitionCallback]] = {}
         self._follow = follow
+        self._veto = veto
         self._log: deque[TransitionRecord] = deque(maxlen=history_limit)
         self._single: _SingleRequest | None = None
 
@@ -239,7 +245,10 @@ class LifecycleManager:
         and return int32 (K,) reason codes. Logs one summary record; callbacks registered
         for an edge are called for each seed of the batch that took it."""
         with self._lock:
-            codes = self.state.apply_transitions(seed_ids, from_states, to_states, context, policy=self._policy)
+            if self._veto is None:
+                codes = self.state.apply_transitions(seed_ids, from_states, to_states, context, policy=self._policy)
+            else:
+                codes = self._apply_with_veto(seed_ids, from_states, to_states, context)
         counts = torch.bincount(codes.to(torch.int64), minlength=len(REASON_NAMES)).tolist()
         errors: list[str] = []
         if (self._callbacks or self._follow) and counts[Reason.OK]:
@@ -258,6 +267,27 @@ class LifecycleManager:
                 callback_errors=tuple(errors),
             )
         )
+        return codes
+
+    def _apply_with_veto(self, seed_ids: Any, from_states: Any, to_states: Any, context: Any) -> torch.Tensor:
+        """apply_transitions for the requests the owner's veto lets through; the vetoed
+        ones get GUARD_FAILED and change nothing (a seed named twice is left to the
+        judgement, which refuses both as duplicates)."""
+        st = self.state
+        ids = st._tensor_arg(seed_ids, "seed_ids", integer=True).to(torch.int64)
+        k = ids.shape[0]
+        src = st._state_arg(from_states, "from_states", k).to(torch.int64)
+        dst = st._state_arg(to_states, "to_states", k).to(torch.int64)
+        ctx = st._context_arg(context, k)
+        vetoed = self._veto(ids, src, dst, ctx)  # type: ignore[misc]
+        if k > 1 and vetoed.any():
+            _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+            vetoed = vetoed & (counts[inverse] == 1)
+        if not vetoed.any():
+            return st.apply_transitions(ids, src, dst, ctx, policy=self._policy)
+        codes = torch.full((k,), int(Reason.GUARD_FAILED), dtype=torch.int32, device=ids.device)
+        keep = ~vetoed
+        codes[keep] = st.apply_transitions(ids[keep], src[keep], dst[keep], ctx[keep], policy=self._policy)
         return codes
 
     def step_epoch(self) -> None:

@@ -348,6 +348,24 @@ def test_grafting_cannot_end_before_alpha_reaches_one() -> None:
     ok(layer.transition(0, "GRAFTING", "STABILIZATION"))
 
 
+def test_a_batch_cannot_end_grafting_before_alpha_reaches_one_either() -> None:
+    layer = make_layer(strategy_configs={"linear": GraftingConfig(ramp_epochs=6)})
+    x = torch.randn(4, 6)
+    advance(layer, 0, S.GRAFTING, x)
+    for _ in range(3):
+        layer.step_epoch()
+    before = eval_out(layer, x)
+    codes = layer.lifecycle.request_transitions([0, 2], [S.GRAFTING, S.DORMANT], [S.STABILIZATION, S.GERMINATED])
+    assert codes.tolist() == [Reason.GUARD_FAILED, Reason.OK]  # the other request of the batch still goes through
+    assert layer.state.lifecycle_state(0) == S.GRAFTING and layer.alpha[0] == 0.5
+    torch.testing.assert_close(eval_out(layer, x), before, rtol=0, atol=0)
+    twice = layer.lifecycle.request_transitions([0, 0], S.GRAFTING, S.STABILIZATION)
+    assert twice.tolist() == [Reason.DUPLICATE_IN_BATCH] * 2
+    for _ in range(3):
+        layer.step_epoch()
+    assert layer.lifecycle.request_transitions([0], S.GRAFTING, S.STABILIZATION).tolist() == [Reason.OK]
+
+
 # ---- gradients and freezing ---------------------------------------------------------
 
 

@@ -404,8 +404,10 @@ def _run(max_examples: int, steps: int, derandomize: bool) -> None:
 
 
 def test_stateful_model_check() -> None:
-    """CI profile: deterministic, covers every edge in well under 3 minutes."""
-    _run(max_examples=30, steps=40, derandomize=True)
+    """CI profile: derandomized, covers every edge in well under 3 minutes. Thread-parallel
+    requests interleave differently from run to run (30 examples once missed two edges
+    after other tests had changed the thread timing), hence 80."""
+    _run(max_examples=80, steps=40, derandomize=True)
 
 
 @pytest.mark.slow
