@@ -12,7 +12,7 @@ STAMPS := .make-stamps
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: test test-slow demo build bench cuda-check lint codegen clean
+.PHONY: test test-fallback test-slow demo build bench cuda-check lint codegen clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,17 @@ codegen: $(PY)
 lint: build
 	$(PY) -m ruff check .
 
+# The suite must run against the compiled extension: without it the extension's tests
+# skip and the rest pass on the pure-torch fallback, which test-fallback covers.
 test: build
 	$(PY) -m codegen --check
 	$(PY) -m ruff check .
+	$(PY) -c "import sys, kasmina._extension as e; e.HAS_EXTENSION or sys.exit('make test needs the compiled extension; the backend is the ' + e.backend_description())"
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The whole suite on the pure-torch fallback (what runs where the extension cannot be built).
+test-fallback: build
+	KASMINA_DISABLE_EXTENSION=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # The long explorations (pytest -m slow); CI runs them after `make test`.
 test-slow: build

@@ -87,6 +87,18 @@ def test_v1_is_listed_and_restored_migrated_in_memory(manager: CheckpointManager
     assert manager.verify(checkpoint_id).version == 1
 
 
+def test_retention_leaves_v1_checkpoints_alone(tmp_path: Path) -> None:
+    """v1 files were not written by this manager: retention never moves them."""
+    manager = CheckpointManager(tmp_path, max_checkpoints_per_seed=2)
+    old = [_write_v1(manager.active_dir, "L", 0, 1_000 + i, version=False) for i in range(3)]  # priority normal
+    before = {p.name: p.read_bytes() for p in manager.active_dir.iterdir()}
+    new = [manager.save_checkpoint("L", 0, {"epoch": i}) for i in range(3)]
+    for name, data in before.items():
+        assert (manager.active_dir / name).read_bytes() == data
+    active = {i.checkpoint_id for i in manager.list_checkpoints("L", 0, limit=None)}
+    assert active == {*old, *new[1:]}  # the oldest new one was archived, no v1 one
+
+
 def test_migrate_rewrites_as_v2_keeping_backups(manager: CheckpointManager) -> None:
     checkpoint_id = _write_v1(manager.active_dir, "layer1", 4, 1_700_000_000_123)
     original_pt = (manager.active_dir / f"{checkpoint_id}.pt").read_bytes()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from kasmina import ExtendedLifecycle as L
 from kasmina import LifecyclePolicy
@@ -18,6 +20,18 @@ def test_default_comes_from_the_spec() -> None:
     assert policy.params == T.PARAM_DEFAULTS
     assert policy.as_dict()["params"]["reconstruction_threshold"] == T.PARAM_DEFAULTS[0]
     assert policy.min_epochs_of("training") == T.STATE_MIN_EPOCHS[L.TRAINING]
+
+
+def test_defaults_equal_the_yaml_read_independently() -> None:
+    """Against the spec file itself, not the generated tables the policy is built from: a
+    generator or loader bug would pass the test above and codegen --check alike."""
+    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "spec" / "lifecycle.yaml").read_text())
+    policy = LifecyclePolicy.default()
+    for state in spec["states"]:
+        assert policy.min_epochs_of(state["name"]) == state["min_epochs"], state["name"]
+    for param in spec["params"]:
+        assert policy.param(param["name"]) == pytest.approx(float(param["default"]), rel=1e-7), param["name"]
+    assert len(policy.params) == len(spec["params"]) and len(policy.min_epochs) == len(spec["states"])
 
 
 def test_overrides_by_name_id_and_enum() -> None:

@@ -298,6 +298,10 @@ def test_duplicates_in_batch_are_all_rejected(backend) -> None:
     # Out-of-range duplicates are UNKNOWN_SEED (range first); a duplicate wins over every other check.
     assert codes.tolist() == [dup, ok, dup, Reason.UNKNOWN_SEED, Reason.UNKNOWN_SEED, Reason.INVALID_EDGE, dup]
     assert st.get_state()[:, StateColumn.LIFECYCLE_STATE].tolist() == [L.GERMINATED, L.DORMANT, L.DORMANT, L.DORMANT]
+    # An exact pair, and a pair where one request would fail anyway: both refused as duplicates.
+    pair = st.apply_transitions([3, 3, 2, 2], [L.DORMANT, L.DORMANT, L.DORMANT, L.TRAINING], [L.GERMINATED] * 4)
+    assert pair.tolist() == [dup] * 4
+    assert st.get_state()[:, StateColumn.LIFECYCLE_STATE].tolist() == [L.GERMINATED, L.DORMANT, L.DORMANT, L.DORMANT]
     assert st.get_transition_history(1) == []
 
 
