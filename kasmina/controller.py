@@ -63,6 +63,7 @@ from ._generated.lifecycle_tables import (
     CONTEXT_FIELDS,
     HISTORY_LENGTH,
     NUM_STATES,
+    STATE_ALPHA_SOURCE,
     STATE_KINDS,
     STATE_NAMES,
     ExtendedLifecycle,
@@ -77,7 +78,7 @@ S = ExtendedLifecycle
 _NONE = -1
 _RETIRED = tuple(s for s in range(NUM_STATES) if STATE_KINDS[s] == "retired")
 _ACTIVE = tuple(s for s in range(NUM_STATES) if STATE_KINDS[s] == "active")
-_GRAFTED = (S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING)
+_GRAFTED = tuple(s for s in range(NUM_STATES) if STATE_KINDS[s] == "active" and STATE_ALPHA_SOURCE[s] != "zero")
 _MOVING_ALPHA = (S.GRAFTING, S.STABILIZATION)
 _FIELD = {name: i for i, name in enumerate(CONTEXT_FIELDS)}
 

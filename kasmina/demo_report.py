@@ -10,22 +10,22 @@ from ._generated.lifecycle_tables import NUM_STATES, STATE_NAMES
 
 __all__ = ["STATE_COLOURS", "plot_lifecycle", "print_report"]
 
-# One colour per state id (DORMANT … ROLLED_BACK): greys for idle, blues→greens along the
-# happy path, gold for FOSSILIZED, reds for the retired states.
-STATE_COLOURS = (
-    "#e6e6e6",  # DORMANT
-    "#c6dbef",  # GERMINATED
-    "#6baed6",  # TRAINING
-    "#2171b5",  # GRAFTING
-    "#74c476",  # STABILIZATION
-    "#31a354",  # EVALUATING
-    "#006d2c",  # FINE_TUNING
-    "#f2b701",  # FOSSILIZED
-    "#cb181d",  # CULLED
-    "#fc9272",  # CANCELLED
-    "#a50f15",  # ROLLED_BACK
-)
-assert len(STATE_COLOURS) == NUM_STATES
+# Greys for idle, blues→greens along the happy path, gold for FOSSILIZED, reds for the
+# retired states; indexed by state id through the spec's names.
+_COLOUR_OF = {
+    "DORMANT": "#e6e6e6",
+    "GERMINATED": "#c6dbef",
+    "TRAINING": "#6baed6",
+    "GRAFTING": "#2171b5",
+    "STABILIZATION": "#74c476",
+    "EVALUATING": "#31a354",
+    "FINE_TUNING": "#006d2c",
+    "FOSSILIZED": "#f2b701",
+    "CULLED": "#cb181d",
+    "CANCELLED": "#fc9272",
+    "ROLLED_BACK": "#a50f15",
+}
+STATE_COLOURS = tuple(_COLOUR_OF[name] for name in STATE_NAMES)
 
 _MARKS = {
     "GERMINATED": ("^", "#31a354", "germinated"),
