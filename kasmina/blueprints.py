@@ -208,7 +208,14 @@ class SeedBlueprint(nn.Module):
     groups with :func:`evaluate_group` instead.
     """
 
-    def __init__(self, kind: BlueprintKind, kind_id: int, width: int, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        kind: BlueprintKind,
+        kind_id: int,
+        width: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if width < 1:
             raise ValueError(f"width={width}: a chunk has at least one feature")
@@ -219,7 +226,7 @@ class SeedBlueprint(nn.Module):
         if not values:
             raise ValueError(f"blueprint kind {kind.name!r} has no parameters")
         for name, value in values.items():
-            self.register_parameter(name, nn.Parameter(value.to(device)))
+            self.register_parameter(name, nn.Parameter(value.to(device=device, dtype=dtype)))  # drawn in float32 first
 
     def forward(self, x: Tensor) -> Tensor:
         params = {name: p.unsqueeze(0) for name, p in self.named_parameters()}

@@ -441,7 +441,7 @@ class ChunkedKasminaLayer(nn.Module):
 
     def _allocate(self, seed: int, kind_id: int) -> None:
         kind = self.blueprint_registry[kind_id]
-        bp = SeedBlueprint(kind, kind_id, self.layout.width(seed), device=self.alpha.device)
+        bp = SeedBlueprint(kind, kind_id, self.layout.width(seed), device=self.alpha.device, dtype=self.alpha.dtype)
         self._free(seed)
         self.seed_blueprints[str(seed)] = bp
         self._new_params.extend(bp.parameters())

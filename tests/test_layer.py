@@ -575,6 +575,12 @@ def test_a_training_seed_reconstructs_in_the_layers_dtype(dtype) -> None:
     assert out.dtype == dtype and layer._aux is not None
     layer.step_epoch()
     assert math.isfinite(layer.measured_context(0)["reconstruction_loss"])
+    assert all(p.dtype == dtype for p in layer.blueprint(0).parameters())
+    layer.germinate(1, "mlp")
+    assert all(p.dtype == dtype for p in layer.blueprint(1).parameters())  # allocated in the layer's dtype
+    twin = make_layer().to(dtype)
+    twin.load_state_dict(layer.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(twin.blueprint(1).parameters(), layer.blueprint(1).parameters(), strict=True))
     layer.report_metrics(0, stability_score=0.95)  # kept in float32, the type guards compare in
     assert layer.reported.dtype == torch.float32 and layer.measured_context(0)["stability_score"] == pytest.approx(0.95)
     assert all(getattr(layer, name).dtype == torch.float32 for name in ("chunk_mean", "reconstruction_loss", "_recon_sum"))
