@@ -334,12 +334,18 @@ def test_output_never_jumps_across_any_edge() -> None:
     assert {(int(S.GRAFTING), int(S.ROLLED_BACK)), (int(S.EVALUATING), int(S.CULLED))} <= taken
 
 
-def test_grafting_cannot_end_before_alpha_reaches_one() -> None:
+def _halfway_grafted() -> tuple[ChunkedKasminaLayer, torch.Tensor]:
+    """A layer whose seed 0 is halfway up a 6-epoch linear ramp (alpha 0.5), and an input."""
     layer = make_layer(strategy_configs={"linear": GraftingConfig(ramp_epochs=6)})
     x = torch.randn(4, 6)
     advance(layer, 0, S.GRAFTING, x)
     for _ in range(3):
         layer.step_epoch()
+    return layer, x
+
+
+def test_grafting_cannot_end_before_alpha_reaches_one() -> None:
+    layer, _ = _halfway_grafted()
     result = layer.transition(0, "GRAFTING", "STABILIZATION")
     assert not result.success and "alpha from 0.5 to 1" in result.reason
     assert layer.state.lifecycle_state(0) == S.GRAFTING
@@ -349,11 +355,7 @@ def test_grafting_cannot_end_before_alpha_reaches_one() -> None:
 
 
 def test_a_batch_cannot_end_grafting_before_alpha_reaches_one_either() -> None:
-    layer = make_layer(strategy_configs={"linear": GraftingConfig(ramp_epochs=6)})
-    x = torch.randn(4, 6)
-    advance(layer, 0, S.GRAFTING, x)
-    for _ in range(3):
-        layer.step_epoch()
+    layer, x = _halfway_grafted()
     before = eval_out(layer, x)
     codes = layer.lifecycle.request_transitions([0, 2], [S.GRAFTING, S.DORMANT], [S.STABILIZATION, S.GERMINATED])
     assert codes.tolist() == [Reason.GUARD_FAILED, Reason.OK]  # the other request of the batch still goes through
