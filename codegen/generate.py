@@ -60,6 +60,6 @@ def check(spec: Spec, root: Path) -> list[Path]:
     stale = []
     for rel, text in _with_readme(spec, root).items():
         path = root / rel
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
+        if not path.exists() or path.read_bytes() != text.encode("utf-8"):  # bytes: line endings count too
             stale.append(path)
     return stale

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import string
+import struct
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,8 +193,9 @@ def load_spec(path: str | Path | None = None) -> Spec:
 
 
 def _duplicates(values: list[Any]) -> list[Any]:
+    """Values met before; names compare without case (the emitters upper-case them)."""
     seen: set[Any] = set()
-    return [v for v in values if v in seen or seen.add(v)]
+    return [v for v in values if (key := v.upper() if isinstance(v, str) else v) in seen or seen.add(key)]
 
 
 def _build(path: Path, sha: str, data: dict, errors: list[str], shown: str) -> Spec | None:
@@ -328,8 +330,13 @@ _FLOAT32_HINT = f"use a finite number of magnitude at most {_FLOAT32_MAX:.6g} (g
 
 
 def _is_float32(value: float) -> bool:
-    """Whether ``value`` is finite and fits float32, the type the kernels compare in."""
-    return math.isfinite(value) and abs(value) <= _FLOAT32_MAX
+    """Whether ``value`` is finite and rounds to a finite float32, the type the kernels
+    compare in (numpy prints float32's largest value as 3.4028235e+38, a little above it)."""
+    try:
+        struct.pack("<f", value)
+    except OverflowError:
+        return False
+    return math.isfinite(value)
 
 
 def _build_guard(raw: dict, where: str, fields: set[str], params: set[str], err) -> Guard:

@@ -6,10 +6,9 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ._extension import HAS_EXTENSION
 from .checkpoint_errors import CheckpointError
 from .checkpoint_format import CheckpointInfo, compact_json, is_v2_sidecar, load_json, parse_sidecar
-from .checkpoint_scan import BackgroundScan, FolderScan, Identity, folder_identity, scan_folder
+from .checkpoint_scan import BackgroundScan, FolderScan, Identity, folder_identity, scan_folder, scans_natively
 from .checkpoint_snapshot import BrokenSnapshot, Snapshot, read_vouch
 from .checkpoint_v1 import parse_v1_sidecar
 
@@ -81,7 +80,7 @@ class SidecarIndex:
             self._cache_unused = False
             vouch = read_vouch(self.cache_file)  # type: ignore[arg-type]
             scan = None
-            if HAS_EXTENSION and (vouch is None or vouch[1] != list(identity)):
+            if scans_natively(self.folder) and (vouch is None or vouch[1] != list(identity)):
                 scan = BackgroundScan(self.folder)  # the folder needs listing: read the snapshot meanwhile
             snapshot = Snapshot.read(self.cache_file, self.location, vouch)  # type: ignore[arg-type]
             if scan is None and snapshot is not None and snapshot.folder == list(identity):

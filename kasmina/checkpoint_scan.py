@@ -73,10 +73,22 @@ def folder_identity(folder: str | os.PathLike[str]) -> Identity:
 def scan_folder(folder: str | os.PathLike[str]) -> FolderScan:
     """List ``folder`` once: with the compiled extension in one native pass (a Python loop
     over 20,000 entries costs more than the kernel's listing), else with ``os.scandir``."""
-    if not HAS_EXTENSION:
+    if not scans_natively(folder):
         return scan_folder_python(folder)
     path, identity, started = _listing_starts(folder)
     return _native_scan(identity, started, path, torch.ops.kasmina.scan_folder(path))
+
+
+def scans_natively(folder: str | os.PathLike[str]) -> bool:
+    """Whether the native listing can take ``folder``: the extension is there and the
+    path is valid UTF-8 (an op's str argument cannot carry other bytes)."""
+    if not HAS_EXTENSION:
+        return False
+    try:
+        os.fsencode(folder).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _listing_starts(folder: str | os.PathLike[str]) -> tuple[str, Identity, int]:

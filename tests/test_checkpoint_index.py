@@ -295,6 +295,17 @@ def test_the_native_scan_agrees_with_the_python_one(tmp_path: Path) -> None:
         ckpt_scan.BackgroundScan(tmp_path / "ünïcode.json").result()
 
 
+def test_a_manager_works_in_a_folder_whose_path_is_not_utf8(tmp_path: Path) -> None:
+    """The native listing takes only UTF-8 paths; such a folder is listed in Python."""
+    folder = tmp_path / os.fsdecode(b"run-\xff")
+    assert not ckpt_scan.scans_natively(folder)
+    writer = CheckpointManager(folder, durable=False)
+    saved = writer.save_checkpoint("L", 0, {"x": torch.ones(2)})
+    reopened = CheckpointManager(folder)  # a cold start lists the folder
+    assert [i.checkpoint_id for i in reopened.list_checkpoints()] == [saved]
+    assert torch.equal(reopened.restore_checkpoint(saved)["state_data"]["x"], torch.ones(2))
+
+
 @pytest.mark.parametrize(
     ("mtime", "ctime", "age_ns", "settled"),
     [

@@ -60,6 +60,14 @@ def test_check_flags_stale_file_after_spec_edit(tmp_path: Path) -> None:
     assert set(stale) == {root / PYTHON_TABLES, root / CPP_HEADER, root / DOCS}
 
 
+def test_check_flags_changed_line_endings(tmp_path: Path) -> None:
+    root = _mutated(tmp_path, lambda d: None)
+    spec = load_spec(root / "spec" / "lifecycle.yaml")
+    header = root / CPP_HEADER
+    header.write_bytes(header.read_bytes().replace(b"\n", b"\r\n"))
+    assert check(spec, root) == [header]
+
+
 def test_cli_check_exit_codes(tmp_path: Path) -> None:
     root = _mutated(tmp_path, lambda d: None)
     spec_path = root / "spec" / "lifecycle.yaml"

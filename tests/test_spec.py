@@ -170,6 +170,19 @@ def test_param_default_not_float32(tmp_path: Path, raw: dict, value: float) -> N
     assert any("params[0].default" in line and "not a finite float32" in line for line in err.errors)
 
 
+def test_names_that_differ_only_in_case_clash(tmp_path: Path, raw: dict) -> None:
+    raw["layout"]["metric_columns"].append(raw["layout"]["metric_columns"][0].swapcase())  # both emit one upper-case name
+    err = _broken(tmp_path, raw)
+    assert any("layout.metric_columns" in line and "listed twice" in line for line in err.errors)
+
+
+def test_float32_max_as_numpy_prints_it_is_a_float32(tmp_path: Path, raw: dict) -> None:
+    raw["params"][0]["default"] = 3.4028235e38  # rounds to float32's largest value
+    path = tmp_path / "max.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert load_spec(path).params[0].default == 3.4028235e38
+
+
 def test_reason_codes_with_a_gap(tmp_path: Path, raw: dict) -> None:
     raw["reasons"][-1]["code"] = len(raw["reasons"]) + 3
     err = _broken(tmp_path, raw)
