@@ -195,9 +195,10 @@ def bench_payloads(report: Report, root: Path, repeats: int) -> None:
             repeats,
             warmup=5,
         )
+        newest = durable.get_latest_checkpoint("bench", 0).checkpoint_id  # in active/: the first save is archived by now
         loads = interleaved(
             {
-                "restore": lambda: durable.restore_checkpoint(checkpoint_id),  # noqa: B023
+                "restore": lambda: durable.restore_checkpoint(newest),  # noqa: B023
                 "bare": lambda: _bare_read(folder / "bare" / "bare.bin"),  # noqa: B023
                 "torch": lambda: torch.load(torch_path, weights_only=True),  # noqa: B023
             },

@@ -23,7 +23,15 @@ except ImportError:  # run as a script
     from _harness import Report, Stats, interleaved, parse_args  # type: ignore[no-redef]
 
 from kasmina._generated.lifecycle_tables import ExtendedLifecycle
-from kasmina.distributed import CommandBatch, LifecycleSync, SeedCommand, apply_commands
+from kasmina.distributed import (
+    _FIXED_COLUMNS,
+    _HEADER_WORDS,
+    _NUM_FIELDS,
+    CommandBatch,
+    LifecycleSync,
+    SeedCommand,
+    apply_commands,
+)
 from kasmina.distributed_launch import launch
 from kasmina.state import ExtendedStateTensor
 
@@ -54,7 +62,7 @@ def _measure(sync: LifecycleSync, n: int, repeats: int) -> dict[str, Stats | int
     state = ExtendedStateTensor(n)
     state.metrics.uniform_()
     batch = _commands(n) if sync.is_controller else None
-    message_bytes = (8 + sync.capacity * (7 + 6)) * 4
+    message_bytes = (_HEADER_WORDS + sync.capacity * (_FIXED_COLUMNS + _NUM_FIELDS)) * 4  # the broadcast's int32 words
     ref_tensor = torch.empty((state.metrics.numel() * 4 + message_bytes) // 4, dtype=torch.float32).uniform_()
 
     def boundary() -> None:

@@ -21,10 +21,12 @@ and of one seed's state query.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -54,14 +56,27 @@ def measure_with_setup(setup: Callable[[], None], fn: Callable[[], object], devi
         setup()
         fn()
     samples = []
-    for _ in range(repeats):
-        setup()
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - start)
+    with _gc_paused():
+        for _ in range(repeats):
+            setup()
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples.append(time.perf_counter() - start)
     return Stats(tuple(samples))
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No garbage collection inside timed loops (as harness.measure)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def copy_into(nbytes: int, device: torch.device, repeats: int) -> Stats:
@@ -296,10 +311,11 @@ def _latencies(fn: Callable[[], object], repeats: int) -> Stats:
         fn()
     samples = []
     clock = time.perf_counter
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        samples.append(clock() - start)
+    with _gc_paused():
+        for _ in range(repeats):
+            start = clock()
+            fn()
+            samples.append(clock() - start)
     return Stats(tuple(samples))
 
 
