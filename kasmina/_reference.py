@@ -194,14 +194,22 @@ def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.
     Chunks with alpha exactly 0 output ``base`` and pass no gradient to
     ``blueprint_out`` or ``alpha``, whatever ``blueprint_out`` holds there (NaN included)."""
     check_blend_args(base, blueprint_out, alpha, num_chunks)
+    _, weight, active, b, p = _blend_operands(base, blueprint_out, alpha, num_chunks)
+    return torch.where(active, b + weight * (p - b), b).to(base.dtype)
+
+
+def _blend_operands(
+    base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.Tensor, num_chunks: int
+) -> tuple[torch.Tensor, ...]:
+    """(chunk of each feature, its weight, whether its chunk is active, base and
+    blueprint_out) in the accumulation dtype. Inactive chunks see blueprint_out == base,
+    so NaN there reaches neither the output nor any gradient."""
     acc = torch.float64 if base.dtype == torch.float64 else torch.float32
-    weight = alpha.to(acc)[chunk_index(base.shape[-1], num_chunks, base.device)]
+    chunk = chunk_index(base.shape[-1], num_chunks, base.device)
+    weight = alpha.to(acc)[chunk]
     active = weight != 0
     b = base.to(acc)
-    # Inactive chunks see blueprint_out == base, so NaN there reaches neither the output
-    # nor any gradient.
-    p = torch.where(active, blueprint_out.to(acc), b)
-    return torch.where(active, b + weight * (p - b), b).to(base.dtype)
+    return chunk, weight, active, b, torch.where(active, blueprint_out.to(acc), b)
 
 
 def chunked_blend_backward(
@@ -211,13 +219,8 @@ def chunked_blend_backward(
     in differentiable torch ops (what a double backward differentiates): ``grad * (1 -
     alpha)``, ``grad * alpha`` and the per-chunk sum of ``grad * (blueprint_out - base)``,
     both 0 where alpha is exactly 0, whatever ``blueprint_out`` or ``grad`` hold there."""
-    acc = torch.float64 if base.dtype == torch.float64 else torch.float32
-    dim = base.shape[-1]
-    chunk = chunk_index(dim, num_chunks, base.device)
-    weight = alpha.to(acc)[chunk]
-    active = weight != 0
-    g, b = grad.to(acc), base.to(acc)
-    p = torch.where(active, blueprint_out.to(acc), b)
+    chunk, weight, active, b, p = _blend_operands(base, blueprint_out, alpha, num_chunks)
+    g, dim = grad.to(b.dtype), base.shape[-1]
     grad_base = torch.where(active, g * (1 - weight), g).to(base.dtype)  # alpha == 0 is constant there too
     grad_blueprint = torch.where(active, g * weight, 0.0).to(base.dtype)
     per_feature = torch.where(active, g * (p - b), 0.0).reshape(-1, dim).sum(0)

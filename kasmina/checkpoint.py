@@ -139,6 +139,11 @@ def _make_id(layer_id: str, kind: str, seed_id: int | None, ms: int, seq: int) -
     return f"{layer_id}_seed{seed_id}_{ms}_{seq}" if kind == "seed" else f"{layer_id}_layer_{ms}_{seq}"
 
 
+def _describe(key: SeedKey) -> str:
+    """A key in words: ``layer 'enc' seed 5`` or ``layer 'enc' (whole layer)``."""
+    return f"layer {key[0]!r}" + (f" seed {key[2]}" if key[1] == "seed" else " (whole layer)")
+
+
 def _id_readings(checkpoint_id: str) -> list[tuple[SeedKey, tuple[int, int]]]:
     """Every (key, (ms, seq)) a checkpoint id can be read as: one name can fit several
     forms (the v1 id of layer ``enc_layer`` seed 5 reads as a v2 whole-layer id of layer
@@ -418,13 +423,12 @@ class CheckpointManager:
             return number
 
     def _write_error(self, exc: OSError, stage: str, key: SeedKey) -> CheckpointWriteError:
-        what = f"layer {key[0]!r}" + (f" seed {key[2]}" if key[1] == "seed" else " (whole layer)")
         if exc.errno in (_errno.ENOSPC, _errno.EDQUOT):
             reason = "no space left on device" if exc.errno == _errno.ENOSPC else "disk quota exceeded"
         else:
             reason = exc.strerror or str(exc)
         return CheckpointWriteError(
-            f"cannot save the checkpoint of {what}: {reason} while {stage} in {self.active_dir}; "
+            f"cannot save the checkpoint of {_describe(key)}: {reason} while {stage} in {self.active_dir}; "
             "nothing of this save was kept and earlier checkpoints are intact",
             exc.errno,
         )
@@ -1028,13 +1032,11 @@ class CheckpointRecovery:
                 continue
             held = (checkpoint["layer_id"], checkpoint["kind"], checkpoint["seed_id"])
             if held != key:  # a name that fits this key's form but holds another's checkpoint
-                what = f"layer {held[0]!r}" + (f" seed {held[2]}" if held[1] == "seed" else " (whole layer)")
-                skipped.append(SkippedCheckpoint(checkpoint_id, location, f"it holds the checkpoint of {what}"))
+                skipped.append(SkippedCheckpoint(checkpoint_id, location, f"it holds the checkpoint of {_describe(held)}"))
                 continue
             return RecoveryResult(checkpoint_id, location, checkpoint, tuple(skipped))
-        what = f"layer {key[0]!r}" + (f" seed {key[2]}" if key[1] == "seed" else " (whole layer)")
         error = CheckpointNotFoundError(
-            f"no usable checkpoint of {what} in {manager.checkpoint_dir}"
+            f"no usable checkpoint of {_describe(key)} in {manager.checkpoint_dir}"
             + (f"; skipped {len(skipped)}: " + "; ".join(f"{s.checkpoint_id}: {s.reason}" for s in skipped) if skipped else "")
         )
         error.skipped = tuple(skipped)  # type: ignore[attr-defined]

@@ -559,10 +559,10 @@ class ChunkedKasminaLayer(nn.Module):
         """A refusal when the move would make the seed's output jump: the blueprint keeps
         running in ``dst`` but alpha would change (e.g. GRAFTING -> STABILIZATION before
         the ramp reached 1). Retiring moves remove the contribution on purpose."""
-        if not STATE_BLUEPRINT_RUNS[dst] or STATE_ALPHA_SOURCE[dst] == "strategy":
+        if not _FIXED_ALPHA_RUNS[dst]:
             return None
         current = float(self.alpha[seed])
-        target = 1.0 if STATE_ALPHA_SOURCE[dst] == "one" else 0.0
+        target = _FIXED_ALPHA[dst]
         if current == target:
             return None
         row = self.state.state[seed].tolist()

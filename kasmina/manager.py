@@ -247,7 +247,8 @@ class LifecycleManager:
         with self._lock:
             if self._veto is None:
                 codes = self.state.apply_transitions(seed_ids, from_states, to_states, context, policy=self._policy)
-            else:
+            else:  # the arguments as tensors once, for the veto, the judgement and the callbacks
+                seed_ids, from_states, to_states, context = self._batch_args(seed_ids, from_states, to_states, context)
                 codes = self._apply_with_veto(seed_ids, from_states, to_states, context)
         counts = torch.bincount(codes.to(torch.int64), minlength=len(REASON_NAMES)).tolist()
         errors: list[str] = []
@@ -269,16 +270,23 @@ class LifecycleManager:
         )
         return codes
 
-    def _apply_with_veto(self, seed_ids: Any, from_states: Any, to_states: Any, context: Any) -> torch.Tensor:
-        """apply_transitions for the requests the owner's veto lets through; the vetoed
-        ones get GUARD_FAILED and change nothing (a seed named twice is left to the
-        judgement, which refuses both as duplicates)."""
+    def _batch_args(
+        self, seed_ids: Any, from_states: Any, to_states: Any, context: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch's arguments as tensors: int64 (K,) ids, from and to states, (K, F) context."""
         st = self.state
         ids = st._tensor_arg(seed_ids, "seed_ids", integer=True).to(torch.int64)
         k = ids.shape[0]
         src = st._state_arg(from_states, "from_states", k).to(torch.int64)
         dst = st._state_arg(to_states, "to_states", k).to(torch.int64)
-        ctx = st._context_arg(context, k)
+        return ids, src, dst, st._context_arg(context, k)
+
+    def _apply_with_veto(self, ids: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """apply_transitions for the requests the owner's veto lets through; the vetoed
+        ones get GUARD_FAILED and change nothing (a seed named twice is left to the
+        judgement, which refuses both as duplicates)."""
+        st = self.state
+        k = ids.shape[0]
         vetoed = self._veto(ids, src, dst, ctx)  # type: ignore[misc]
         if k > 1 and vetoed.any():
             _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
@@ -411,11 +419,7 @@ class LifecycleManager:
     def _batch_callbacks(self, seed_ids: Any, from_states: Any, to_states: Any, context: Any,
                          codes: torch.Tensor) -> list[str]:
         """Callbacks for the accepted requests of a batch whose edge has callbacks."""
-        st = self.state
-        ids = st._tensor_arg(seed_ids, "seed_ids", integer=True).to(torch.int64)
-        src = st._state_arg(from_states, "from_states", ids.shape[0]).to(torch.int64)
-        dst = st._state_arg(to_states, "to_states", ids.shape[0]).to(torch.int64)
-        ctx = st._context_arg(context, ids.shape[0])
+        ids, src, dst, ctx = self._batch_args(seed_ids, from_states, to_states, context)
         follow = [self._follow] if self._follow else []
         errors: list[str] = []
         for k in torch.nonzero(codes == Reason.OK).flatten().tolist():

@@ -394,29 +394,25 @@ def _content_problems(state_dict: Mapping[str, Any], prefix: str) -> list[str]:
     state = state_dict.get(prefix + "state")
     if state is not None:
         for column in ("LIFECYCLE_STATE", "PARENT_STATE"):
-            values = state[:, StateColumn[column]]
-            if _outside(values, 0, NUM_STATES - 1):
-                seed, value = _first_outside(values, 0, NUM_STATES - 1)
-                problems.append(f"{prefix}state: seed {seed}'s {column} {value} is no state id (0..{NUM_STATES - 1})")
+            if (bad := _first_outside(state[:, StateColumn[column]], 0, NUM_STATES - 1)) is not None:
+                problems.append(f"{prefix}state: seed {bad[0]}'s {column} {bad[1]} is no state id (0..{NUM_STATES - 1})")
         for column in ("EPOCHS_IN_STATE", "ERROR_COUNT"):
-            values = state[:, StateColumn[column]]
-            if _outside(values, 0):
-                seed, value = _first_outside(values, 0)
-                problems.append(f"{prefix}state: seed {seed}'s {column} is {value}; it must be >= 0")
+            if (bad := _first_outside(state[:, StateColumn[column]], 0)) is not None:
+                problems.append(f"{prefix}state: seed {bad[0]}'s {column} is {bad[1]}; it must be >= 0")
     count = state_dict.get(prefix + "history_count")
-    if count is not None and _outside(count, 0):
-        seed, value = _first_outside(count, 0)
-        problems.append(f"{prefix}history_count of seed {seed} is {value}; it must be >= 0")
+    if count is not None and (bad := _first_outside(count, 0)) is not None:
+        problems.append(f"{prefix}history_count of seed {bad[0]} is {bad[1]}; it must be >= 0")
     history = state_dict.get(prefix + "history")
-    if history is not None and _outside(history, 0, NUM_STATES - 1):
-        seed, value = _first_outside(history, 0, NUM_STATES - 1)
-        problems.append(f"{prefix}history of seed {seed} holds {value}, which is no state id (0..{NUM_STATES - 1})")
+    if history is not None and (bad := _first_outside(history, 0, NUM_STATES - 1)) is not None:
+        problems.append(f"{prefix}history of seed {bad[0]} holds {bad[1]}, which is no state id (0..{NUM_STATES - 1})")
     return problems
 
 
-def _first_outside(values: torch.Tensor, low: int, high: int | None = None) -> tuple[int, int]:
+def _first_outside(values: torch.Tensor, low: int, high: int | None = None) -> tuple[int, int] | None:
     """(seed, value) of the first of ``values`` (seeds along the first dimension) outside
-    [low, high]."""
+    [low, high] (no upper bound when None), or None when all lie inside."""
+    if not _outside(values, low, high):
+        return None
     bad = values < low if high is None else (values < low) | (values > high)
     where = tuple(int(i) for i in torch.nonzero(bad)[0])
     return where[0], int(values[where])
