@@ -34,12 +34,13 @@ codegen: $(PY)
 lint: build
 	$(PY) -m ruff check .
 
-# The suite must run against the compiled extension: without it the extension's tests
-# skip and the rest pass on the pure-torch fallback, which test-fallback covers.
+# The suite must run against the compiled extensions: without them their tests skip and
+# the rest pass on the pure-torch / pure-Python fallbacks, which test-fallback covers.
 test: build
 	$(PY) -m codegen --check
 	$(PY) -m ruff check .
 	$(PY) -c "import sys, kasmina._extension as e; e.HAS_EXTENSION or sys.exit('make test needs the compiled extension; the backend is the ' + e.backend_description())"
+	$(PY) -c "import sys, kasmina._extension as e; e.FILEIO or not sys.platform.startswith('linux') or sys.exit('make test needs kasmina._fileio on Linux (pip install -e . builds it)')"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The whole suite on the pure-torch fallback (what runs where the extension cannot be built).

@@ -1,4 +1,5 @@
-"""Builds the `kasmina._C` torch extension.
+"""Builds the `kasmina._C` torch extension, and on Linux `kasmina._fileio` (the system
+calls of a durable checkpoint save, see csrc/fileio/durable_commit.c).
 
 KASMINA_CUDA=0 builds the CPU kernels only, KASMINA_CUDA=1 adds the CUDA kernels and
 fails without nvcc, KASMINA_CUDA=auto (the default) adds them when torch has CUDA and
@@ -8,10 +9,11 @@ nvcc is found.
 from __future__ import annotations
 
 import os
+import sys
 from glob import glob
 
 import torch
-from setuptools import setup
+from setuptools import Extension, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -53,8 +55,17 @@ def _extension():
     )
 
 
+def _fileio_extension() -> list[Extension]:
+    """The checkpoint writer's system calls (Linux only: O_TMPFILE, linkat, /proc/self/fd;
+    elsewhere kasmina.durable_io does them in Python)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    # Not the limited API: the buffer protocol joined it only in Python 3.11.
+    return [Extension("kasmina._fileio", sources=["csrc/fileio/durable_commit.cpp"], extra_compile_args=["-O2", "-Wall"])]
+
+
 setup(
-    ext_modules=[_extension()],
+    ext_modules=[_extension(), *_fileio_extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch
 
 from benchmarks._harness import Report, Stats, format_seconds, interleaved, measure, parse_args
 from kasmina import ExtendedStateTensor, durable_io
+from kasmina import checkpoint as checkpoint_module
 from kasmina.checkpoint import CheckpointManager
 
 SIZES = {"1 KB": 1 << 10, "64 KB": 64 << 10, "1 MB": 1 << 20}
@@ -72,7 +74,7 @@ def _bare_write(folder: Path, data: bytes, durable: bool) -> None:
 class _FloorWrite:
     """The physical floor of a durable save, in raw os calls and no other work: the
     payload and the sidecar written to temp files (unnamed ``O_TMPFILE`` ones where the
-    manager uses them too; write-back started at once, the hint a save gives too), both
+    manager uses them too; the sidecar's write-back started at once, the hint a save gives too), both
     fsynced, linked into place (named temps then unlinked), the folder fsynced (3 sync
     points), then, as retention does once a seed has ``keep`` checkpoints, the oldest pair
     renamed into ``archive/``."""
@@ -97,7 +99,7 @@ class _FloorWrite:
             else:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
             os.write(fd, data)
-            if durable and self.hint:
+            if durable and self.hint and label == "sidecar":
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             temps.append((temp, fd))
         if durable:
@@ -127,6 +129,16 @@ def _fsync_folder(folder: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _with_python_calls(save: Callable[[], Any]) -> Any:
+    """Run ``save`` with the file-system calls made from Python (kasmina.durable_io), as
+    where the native kasmina._fileio is not built: the native path's gain, in one row."""
+    native, checkpoint_module.FILEIO = checkpoint_module.FILEIO, None
+    try:
+        return save()
+    finally:
+        checkpoint_module.FILEIO = native
 
 
 def _bare_read(path: Path) -> bytes:
@@ -162,6 +174,7 @@ def bench_payloads(report: Report, root: Path, repeats: int) -> None:
         data = _state_data(nbytes)
         folder = root / f"payload-{nbytes}"
         durable = CheckpointManager(folder / "durable", durable=True)
+        python_calls = CheckpointManager(folder / "python-calls", durable=True)
         fast = CheckpointManager(folder / "fast", durable=False)
         checkpoint_id = durable.save_checkpoint("bench", 0, data)
         size = durable.verify(checkpoint_id).payload_size
@@ -182,6 +195,7 @@ def bench_payloads(report: Report, root: Path, repeats: int) -> None:
                 "bare durable": lambda: _bare_write(folder / "bare", payload_bytes, True),  # noqa: B023
                 "floor": floor,
                 "plain floor": plain_floor,
+                "python calls": lambda: _with_python_calls(lambda: python_calls.save_checkpoint("bench", 0, data)),  # noqa: B023
             },
             repeats,
             warmup=5,
@@ -220,6 +234,7 @@ def bench_payloads(report: Report, root: Path, repeats: int) -> None:
             floor_vs_bare=_ratio(floor_d, bare_d),
             plain_floor_vs_bare=_ratio(plain_d, bare_d),
             vs_floor=_ratio(save_d, floor_d),
+            python_calls_vs_bare=_ratio(saves["python calls"], bare_d),
             target=f"<= 1.5x bare: {_verdict(_ratio(save_d, bare_d) <= 1.5)}"
             + ("" if _ratio(floor_d, bare_d) <= 1.5 else " (the floor alone is above 1.5x)")
             + f"; < 10 ms: {_verdict(save_d.median < 10e-3)}"
@@ -338,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         "exist; floor = exactly those file-system calls (and the same write-back hint) done with raw os calls and "
         "nothing else, measured in the same rotation: floor_vs_bare is what this disk allows, vs_floor is the "
         "manager's own cost (encoding, sha256, sidecar, index, retention bookkeeping); plain floor = the same without "
-        "the hint (write, fsync, fsync, folder fsync: the sidecar's fsync then needs a journal commit of its own)"
+        "the hint (write, fsync, fsync, folder fsync: the sidecar's fsync then needs a journal commit of its own); "
+        "python_calls_vs_bare = the same save with its file-system calls made from Python (kasmina.durable_io, the "
+        "path where the native kasmina._fileio is not built), in the same rotation"
     )
     report.note("shared, noisy machine (other agents running): absolute times vary run to run")
     repeats = args.repeats * 3

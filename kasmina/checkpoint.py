@@ -12,7 +12,8 @@ so two threads or processes can never overwrite each other's checkpoint, even in
 millisecond (a clash just takes the next sequence number). A save writes both files to
 temp files (unnamed ones where the system allows: nothing is left behind by a crash),
 fsyncs them, links the payload and then the sidecar into place and fsyncs the folder
-(:mod:`kasmina.durable_io`); only then is anything moved by retention. A
+(in one native call of ``kasmina._fileio`` on Linux, else with :mod:`kasmina.durable_io`);
+only then is anything moved by retention. A
 checkpoint exists once its sidecar does; a payload without sidecar is an unfinished
 save. Every restore checks the payload's size and sha256 and the sidecar's own
 checksum, and names the damaged file when one fails. ``durable=False`` skips every
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._extension import FILEIO
 from ._generated.lifecycle_tables import StateColumn
 from .checkpoint_errors import (
     CheckpointCorruptError,
@@ -72,7 +74,16 @@ from .checkpoint_format import (
 from .checkpoint_index import SeedKey, SidecarIndex, newest_first
 from .checkpoint_scan import FolderScan
 from .checkpoint_v1 import V1_ID_RE, info_from_v1, load_v1, parse_v1_sidecar
-from .durable_io import TempFile, atomic_write, clean_stale_temps, fsync_dir, is_temp_name, open_dir
+from .durable_io import (
+    TempFile,
+    anonymous_files_possible,
+    atomic_write,
+    clean_stale_temps,
+    fsync_dir,
+    is_temp_name,
+    no_anonymous_files,
+    open_dir,
+)
 
 if TYPE_CHECKING:
     from .state import ExtendedStateTensor
@@ -229,11 +240,13 @@ class CheckpointManager:
         self.active_dir = self.checkpoint_dir / "active"
         self.archive_dir = self.checkpoint_dir / "archive"
         self._active_path, self._archive_path = os.fspath(self.active_dir), os.fspath(self.archive_dir)
+        self._active_bytes, self._archive_bytes = os.fsencode(self._active_path), os.fsencode(self._archive_path)
         self._make_folders()
         self._lock = threading.RLock()
         self._active = SidecarIndex(self.active_dir, "active", self.checkpoint_dir / ".index-cache-active.json")
         self._archive = SidecarIndex(self.archive_dir, "archive")
         self._numbers: dict[SeedKey, int] = {}
+        self._commits = 0  # saves committed: a native save that saw others commit meanwhile rechecks retention
         # per state tensor and seed: the token of the last row copy or restore; a save
         # writes CHECKPOINT_ID only while its copy is still the newest
         self._row_tokens: weakref.WeakKeyDictionary[ExtendedStateTensor, dict[int, int]] = weakref.WeakKeyDictionary()
@@ -319,12 +332,95 @@ class CheckpointManager:
         return self._commit(key, priority, None, payload, self._next_number(key)).checkpoint_id
 
     def _commit(self, key: SeedKey, priority: str, lifecycle: int | None, payload: EncodedPayload, number: int) -> CheckpointInfo:
-        """Write, sync and publish one checkpoint. Both files are written (and their
-        write-back started) before either is fsynced, so the CPU work overlaps the disk's
-        and the second fsync finds little left to do; both are fsynced before either is
-        linked under its final name (never replacing a file), and the folder fsync makes
-        the names durable. The temp files are unnamed where the system allows, so a crash
-        leaves nothing to clean up."""
+        """Write, sync and publish one checkpoint, then apply retention. Both files are
+        written (the sidecar's write-back started: the payload fsync's journal commit then
+        takes it along) before either is fsynced; both are fsynced before either is linked
+        under its final name (never replacing a file), and the folder fsync makes the
+        names durable. The temp files are unnamed where the system allows, so a crash
+        leaves nothing to clean up. The system calls are made by the native
+        ``kasmina._fileio`` where it is built and the folder takes unnamed files (payloads
+        below :data:`BACKGROUND_HASH_BYTES`: larger ones are hashed while written), and by
+        :meth:`_commit_python` otherwise; both write the same files."""
+        if FILEIO is not None and payload.size < BACKGROUND_HASH_BYTES and anonymous_files_possible(self._active_path):
+            info = self._commit_native(key, priority, lifecycle, payload, number)
+            if info is not None:
+                return info
+        return self._commit_python(key, priority, lifecycle, payload, number)
+
+    def _new_info(
+        self, key: SeedKey, priority: str, lifecycle: int | None, payload: EncodedPayload, number: int
+    ) -> CheckpointInfo:
+        """The record of a checkpoint about to be written, under a fresh id."""
+        ms, seq = _CLOCK.next()
+        checkpoint_id = _make_id(key[0], key[1], key[2], ms, seq)
+        return CheckpointInfo(
+            checkpoint_id=checkpoint_id,
+            kind=key[1],
+            layer_id=key[0],
+            seed_id=key[2],
+            number=number,
+            created_ms=ms,
+            seq=seq,
+            timestamp=ms / 1000,
+            priority=priority,
+            lifecycle_state=lifecycle,
+            payload_file=f"{checkpoint_id}.safetensors",
+            payload_size=payload.size,
+            sha256=payload.sha256,
+            version=2,
+        )
+
+    def _commit_native(
+        self, key: SeedKey, priority: str, lifecycle: int | None, payload: EncodedPayload, number: int
+    ) -> CheckpointInfo | None:
+        """:meth:`_commit` in one native call: write, sync, publish, then retention's moves
+        (chosen beforehand, as if the new checkpoint were listed already). None when the
+        folder cannot link unnamed files after all (nothing written)."""
+        folder, archive = self._active_bytes, self._archive_bytes  # paths as bytes: any the file system takes
+        with self._lock:
+            victims = self._retention_victims(key, adding=True) if priority in _RETAINED else []
+            commits_seen = self._commits
+        moves = tuple(_archive_move(folder, archive, victim) for victim in victims)
+        for _ in range(_MAX_ID_ATTEMPTS):
+            info = self._new_info(key, priority, lifecycle, payload, number)
+            checkpoint_id = info.checkpoint_id
+            try:
+                outcome = FILEIO.commit_pair(  # type: ignore[union-attr]
+                    folder, payload.chunks, build_sidecar(info), f"{checkpoint_id}.safetensors".encode(),
+                    f"{checkpoint_id}.json".encode(), self.durable, moves,
+                )  # fmt: skip
+            except OSError as exc:
+                raise self._write_error(exc, exc.stage, key) from exc  # type: ignore[attr-defined]
+            if type(outcome) is tuple:
+                break
+            if outcome == FILEIO.NO_ANONYMOUS:  # type: ignore[union-attr]
+                no_anonymous_files(self._active_path)
+                return None
+            # NAME_TAKEN: another process or a stray file holds this id; try the next one
+        else:
+            raise CheckpointWriteError(f"could not find a free checkpoint id in {self.active_dir} after {_MAX_ID_ATTEMPTS} tries")
+        inode, move_errors = outcome
+        failed = dict(move_errors)
+        with self._lock:
+            self._active.add(info, inode)
+            for index, victim in enumerate(victims):
+                if index not in failed:
+                    self._active.remove(victim.checkpoint_id)
+            self._active.invalidate()
+            if victims:
+                self._archive.invalidate()
+            # another save committed since the victims were chosen: it may have added one more
+            late = self._retention_victims(key) if self._commits != commits_seen and priority in _RETAINED else []
+            self._commits += 1
+        self._archive_all(late)
+        for index, code in failed.items():
+            _warn_unarchived(victims[index], OSError(code, os.strerror(code)))
+        return info
+
+    def _commit_python(
+        self, key: SeedKey, priority: str, lifecycle: int | None, payload: EncodedPayload, number: int
+    ) -> CheckpointInfo:
+        """:meth:`_commit` made of :mod:`kasmina.durable_io` calls."""
         folder = self._active_path
         durable = self.durable
         temps: list[TempFile] = []  # written, not published
@@ -338,28 +434,10 @@ class CheckpointManager:
             temps.append(payload_temp)
             payload.hash_in_background()
             payload_temp.write(payload.chunks)
-            if durable:
-                payload_temp.start_writeback()  # the disk works while the digest and sidecar are made
             for _ in range(_MAX_ID_ATTEMPTS):
                 stage = "writing the sidecar"
-                ms, seq = _CLOCK.next()
-                checkpoint_id = _make_id(key[0], key[1], key[2], ms, seq)
-                info = CheckpointInfo(
-                    checkpoint_id=checkpoint_id,
-                    kind=key[1],
-                    layer_id=key[0],
-                    seed_id=key[2],
-                    number=number,
-                    created_ms=ms,
-                    seq=seq,
-                    timestamp=ms / 1000,
-                    priority=priority,
-                    lifecycle_state=lifecycle,
-                    payload_file=f"{checkpoint_id}.safetensors",
-                    payload_size=payload.size,
-                    sha256=payload.sha256,
-                    version=2,
-                )
+                info = self._new_info(key, priority, lifecycle, payload, number)
+                checkpoint_id = info.checkpoint_id
                 sidecar_temp = TempFile(folder, "sidecar", anonymous=True)
                 temps.append(sidecar_temp)
                 sidecar_temp.write((build_sidecar(info),))
@@ -407,6 +485,7 @@ class CheckpointManager:
         with self._lock:
             self._active.add(info, inode)
             self._active.invalidate()
+            self._commits += 1
             # after the add, under the same lock: concurrent saves of a seed each see the others
             victims = self._retention_victims(key) if priority in _RETAINED else []
         self._archive_all(victims)
@@ -434,20 +513,22 @@ class CheckpointManager:
         )
 
     # -- retention, deletion ---------------------------------------------------------------
-    def _retention_victims(self, key: SeedKey) -> list[CheckpointInfo]:
+    def _retention_victims(self, key: SeedKey, adding: bool = False) -> list[CheckpointInfo]:
         """The ``low``/``normal`` checkpoints of ``key`` older than its newest
-        ``max_checkpoints_per_seed``: what retention moves (the caller holds the lock)."""
+        ``max_checkpoints_per_seed``: what retention moves (the caller holds the lock).
+        ``adding``: count one more, newer than all listed (the one about to be saved)."""
+        keep = self.max_checkpoints_per_seed - adding
         candidates = [i for i in self._active.for_key(key) if i.priority in _RETAINED and i.version == 2]
-        if len(candidates) <= self.max_checkpoints_per_seed:
+        if len(candidates) <= keep:
             return []
-        return newest_first(candidates)[self.max_checkpoints_per_seed :]
+        return newest_first(candidates)[keep:]
 
     def _archive_all(self, victims: list[CheckpointInfo]) -> None:
         for info in victims:
             try:
                 self._move(info.checkpoint_id, info.payload_file, self._active_path, self._archive_path)
             except OSError as exc:  # the save itself succeeded; retention retries next time
-                warnings.warn(f"retention could not archive {info.checkpoint_id}: {exc}", RuntimeWarning, stacklevel=3)
+                _warn_unarchived(info, exc)
 
     def _move(self, checkpoint_id: str, payload_file: str, source: str, target: str) -> None:
         """Move a checkpoint (folders as strings), sidecar first (it leaves ``source``
@@ -956,6 +1037,17 @@ def _fill_state(state_dict: Mapping[str, torch.Tensor], state: Any, cls: type, t
     fresh = cls(int(state_dict["state"].shape[0]), device="meta")
     fresh.load_state_dict(dict(state_dict), assign=True)
     return fresh
+
+
+def _archive_move(folder: bytes, archive: bytes, info: CheckpointInfo) -> tuple[bytes, bytes, bytes, bytes]:
+    """Retention's move of ``info`` for the native commit: (sidecar, its target, payload, its target)."""
+    sidecar, payload = f"/{info.checkpoint_id}.json".encode(), f"/{info.payload_file}".encode()
+    return folder + sidecar, archive + sidecar, folder + payload, archive + payload
+
+
+def _warn_unarchived(info: CheckpointInfo, exc: OSError) -> None:
+    """Retention could not move ``info`` (the save itself succeeded; the next one retries)."""
+    warnings.warn(f"retention could not archive {info.checkpoint_id}: {exc}", RuntimeWarning, stacklevel=2)
 
 
 def _remove_quietly(paths: Iterable[str | Path]) -> None:

@@ -25,10 +25,12 @@ from pathlib import Path
 __all__ = [
     "TEMP_PREFIX",
     "TempFile",
+    "anonymous_files_possible",
     "atomic_write",
     "clean_stale_temps",
     "fsync_dir",
     "is_temp_name",
+    "no_anonymous_files",
     "open_dir",
 ]
 
@@ -58,6 +60,17 @@ _NAMED_ONLY: set[str] = set()  # folders found unable to make or link anonymous 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024)
 
 
+def anonymous_files_possible(folder: str) -> bool:
+    """Whether unnamed temp files are tried in ``folder`` (the system has them and the
+    folder has not refused them)."""
+    return bool(_ANONYMOUS_FLAGS) and folder not in _NAMED_ONLY
+
+
+def no_anonymous_files(folder: str) -> None:
+    """Remember that ``folder`` cannot make or link unnamed files: named temps from now on."""
+    _NAMED_ONLY.add(folder)
+
+
 def is_temp_name(name: str) -> bool:
     """True for the name of a temp file written by this module."""
     return _TEMP_RE.match(name) is not None
@@ -78,13 +91,13 @@ class TempFile:
         self.name: str | None = None  # the temp name in ``folder``; None while anonymous
         self._fd: int | None = None
         self._synced = False
-        if anonymous and _ANONYMOUS_FLAGS and self.folder not in _NAMED_ONLY:
+        if anonymous and anonymous_files_possible(self.folder):
             try:
                 self._fd = os.open(self.folder, _ANONYMOUS_FLAGS, 0o644)
             except OSError as exc:
                 if exc.errno not in _NO_TMPFILE_ERRNOS:
                     raise
-                _NAMED_ONLY.add(self.folder)
+                no_anonymous_files(self.folder)
         if self._fd is None:
             self.name = _temp_name(label)
             self._fd = os.open(f"{self.folder}/{self.name}", _CREATE_FLAGS, 0o644)
@@ -134,7 +147,7 @@ class TempFile:
         except OSError as exc:
             if exc.errno not in _NO_ANONYMOUS_LINK_ERRNOS:
                 raise
-            _NAMED_ONLY.add(self.folder)
+            no_anonymous_files(self.folder)
             self._become_named()
             _link_named(self.name, name, dir_fd)  # type: ignore[arg-type]
 

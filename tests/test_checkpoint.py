@@ -56,13 +56,38 @@ def manager(tmp_path: Path) -> CheckpointManager:
     return CheckpointManager(tmp_path / "ckpt")
 
 
-@pytest.fixture(params=["anonymous", "named"])
-def writer(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CheckpointManager:
-    """A manager writing unnamed temp files (O_TMPFILE, where the system has it) or named
-    ones (the fallback elsewhere): the write path's tests run with both."""
-    if request.param == "named":
+def _use_write_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make saves take ``path``: ``native`` (kasmina._fileio, the default where it is
+    built), ``anonymous`` (the Python calls, unnamed temp files) or ``named`` (the Python
+    calls with named temp files: systems without O_TMPFILE)."""
+    if path == "native":
+        if ckpt.FILEIO is None:
+            pytest.skip("kasmina._fileio is not built here (not Linux, or KASMINA_DISABLE_EXTENSION is set)")
+        return
+    monkeypatch.setattr(ckpt, "FILEIO", None)
+    if path == "named":
         monkeypatch.setattr(durable_io, "_ANONYMOUS_FLAGS", 0)
+
+
+@pytest.fixture(params=["native", "anonymous", "named"])
+def writer(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CheckpointManager:
+    """A manager on each write path (see :func:`_use_write_path`): the save's tests run with all three."""
+    _use_write_path(request.param, monkeypatch)
     return CheckpointManager(tmp_path / "ckpt")
+
+
+@pytest.fixture(params=["anonymous", "named"])
+def python_writer(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CheckpointManager:
+    """A manager on the Python write paths, whose system calls the fault tests replace
+    (the native path's faults are real ones: test_native_*)."""
+    _use_write_path(request.param, monkeypatch)
+    return CheckpointManager(tmp_path / "ckpt")
+
+
+@pytest.fixture
+def python_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saves make their system calls from Python (tests that watch or replace them)."""
+    _use_write_path("anonymous", monkeypatch)
 
 
 # ---- round trip and format ---------------------------------------------------------------
@@ -155,7 +180,7 @@ def test_restore_on_cuda_keeps_values(manager: CheckpointManager) -> None:
     assert torch.equal(back["blueprint_state"]["w"], blueprint["w"])
 
 
-def test_durable_false_skips_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_durable_false_skips_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, python_path: None) -> None:
     manager = CheckpointManager(tmp_path, durable=False)
 
     def no_fsync(fd: int) -> None:
@@ -212,6 +237,37 @@ def test_numbers_are_per_seed_sequences_and_map_back(tmp_path: Path) -> None:
     assert manager.get_checkpoint_by_number("L", 0, 99) is None
     reopened = CheckpointManager(tmp_path, max_checkpoints_per_seed=2)  # numbering continues after a restart
     assert reopened.verify(reopened.save_checkpoint("L", 0, _state(9))).number == 5
+
+
+def test_native_saves_committing_together_still_keep_only_the_newest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two saves choose their retention moves before either commits (so neither counts the
+    other); whichever commits last must still archive down to max_checkpoints_per_seed."""
+    if ckpt.FILEIO is None:
+        pytest.skip("kasmina._fileio is not built here (not Linux, or KASMINA_DISABLE_EXTENSION is set)")
+    manager = CheckpointManager(tmp_path, max_checkpoints_per_seed=2, durable=False)
+    first = [manager.save_checkpoint("L", 0, _state(i)) for i in range(2)]
+    both_chose = threading.Barrier(2, timeout=30)
+    real = ckpt.FILEIO
+
+    class Together:
+        NAME_TAKEN, NO_ANONYMOUS = real.NAME_TAKEN, real.NO_ANONYMOUS
+
+        @staticmethod
+        def commit_pair(*args: object) -> object:
+            both_chose.wait()
+            return real.commit_pair(*args)
+
+    monkeypatch.setattr(ckpt, "FILEIO", Together)
+    saved: list[str] = []
+    threads = [threading.Thread(target=lambda i=i: saved.append(manager.save_checkpoint("L", 0, _state(i)))) for i in (10, 11)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(saved) == 2
+    assert {i.checkpoint_id for i in manager.list_checkpoints()} == set(saved)
+    assert sorted(p.stem for p in manager.active_dir.glob("*.json")) == sorted(saved)
+    assert {p.stem for p in manager.archive_dir.glob("*.json")} == set(first)
 
 
 def test_ids_unique_under_8_threads_x_50_saves(tmp_path: Path) -> None:
@@ -286,11 +342,11 @@ def _no_links(*args: object, **kwargs: object) -> None:
     raise OSError(errno.EPERM, "Operation not permitted")
 
 
-def test_saves_work_without_hard_links(writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_saves_work_without_hard_links(python_writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "link", _no_links)
-    ids = [writer.save_checkpoint("L", 0, _state(i), priority="high") for i in range(3)]
-    assert [writer.restore_checkpoint(i)["state_data"]["epoch"] for i in ids] == [0, 1, 2]
-    assert not [n for n in _files(writer.active_dir) if n.startswith(TEMP_PREFIX)]
+    ids = [python_writer.save_checkpoint("L", 0, _state(i), priority="high") for i in range(3)]
+    assert [python_writer.restore_checkpoint(i)["state_data"]["epoch"] for i in ids] == [0, 1, 2]
+    assert not [n for n in _files(python_writer.active_dir) if n.startswith(TEMP_PREFIX)]
 
 
 # ---- retention and deletion -----------------------------------------------------------------
@@ -507,21 +563,21 @@ def _fail_in(monkeypatch: pytest.MonkeyPatch, folder: Path, call: str, after: in
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to map fds to files")
 @pytest.mark.parametrize(("call", "after"), [("writev", 0), ("writev", 1), ("fsync", 0), ("fsync", 1)])
 def test_disk_full_keeps_every_earlier_checkpoint(
-    writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch, call: str, after: int
+    python_writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch, call: str, after: int
 ) -> None:
-    earlier = [writer.save_checkpoint("L", 0, _state(i), {"w": torch.randn(64)}) for i in range(3)]
-    before = _files(writer.active_dir)
+    earlier = [python_writer.save_checkpoint("L", 0, _state(i), {"w": torch.randn(64)}) for i in range(3)]
+    before = _files(python_writer.active_dir)
     with monkeypatch.context() as patch:
-        _fail_in(patch, writer.active_dir, call, after)  # after=1: the payload goes through, the sidecar fails
+        _fail_in(patch, python_writer.active_dir, call, after)  # after=1: the payload goes through, the sidecar fails
         with pytest.raises(CheckpointWriteError, match="no space left on device") as info:
-            writer.save_checkpoint("L", 0, _state(99), {"w": torch.randn(64)})
-    assert info.value.errno == errno.ENOSPC and str(writer.active_dir) in str(info.value)
-    assert _files(writer.active_dir) == before  # temp files gone, nothing half-written
-    assert [i.checkpoint_id for i in writer.list_checkpoints()] == earlier[::-1]
+            python_writer.save_checkpoint("L", 0, _state(99), {"w": torch.randn(64)})
+    assert info.value.errno == errno.ENOSPC and str(python_writer.active_dir) in str(info.value)
+    assert _files(python_writer.active_dir) == before  # temp files gone, nothing half-written
+    assert [i.checkpoint_id for i in python_writer.list_checkpoints()] == earlier[::-1]
     for checkpoint_id in earlier:
-        writer.verify(checkpoint_id)
-    assert CheckpointRecovery(writer).recover_seed_state("L", 0).checkpoint_id == earlier[-1]
-    assert writer.restore_checkpoint(writer.save_checkpoint("L", 0, _state(5)))["state_data"]["epoch"] == 5
+        python_writer.verify(checkpoint_id)
+    assert CheckpointRecovery(python_writer).recover_seed_state("L", 0).checkpoint_id == earlier[-1]
+    assert python_writer.restore_checkpoint(python_writer.save_checkpoint("L", 0, _state(5)))["state_data"]["epoch"] == 5
 
 
 # ---- temp files, the index -----------------------------------------------------------------------
@@ -624,7 +680,9 @@ def test_atomic_write_replaces_or_refuses_and_leaves_no_temp(tmp_path: Path, mon
 
 
 @pytest.mark.skipif(not durable_io._ANONYMOUS_FLAGS, reason="no O_TMPFILE or no /proc/self/fd here")
-def test_temp_files_are_unnamed_where_the_system_allows(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_temp_files_are_unnamed_where_the_system_allows(
+    manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch, python_path: None
+) -> None:
     created: list[str] = []
     real_open = os.open
     monkeypatch.setattr(os, "open", lambda path, flags, *a, **k: created.append(str(path)) or real_open(path, flags, *a, **k))
@@ -633,7 +691,9 @@ def test_temp_files_are_unnamed_where_the_system_allows(manager: CheckpointManag
     assert manager.restore_checkpoint(checkpoint_id)["state_data"]["epoch"] == 1
 
 
-def test_a_folder_refusing_unnamed_files_gets_named_ones(manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_folder_refusing_unnamed_files_gets_named_ones(
+    manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch, python_path: None
+) -> None:
     real_open = os.open
     created: list[str] = []
 
@@ -652,7 +712,7 @@ def test_a_folder_refusing_unnamed_files_gets_named_ones(manager: CheckpointMana
 
 @pytest.mark.skipif(not durable_io._ANONYMOUS_FLAGS, reason="no O_TMPFILE or no /proc/self/fd here")
 def test_unnamed_files_that_cannot_be_linked_are_saved_as_named_copies(
-    manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch
+    manager: CheckpointManager, monkeypatch: pytest.MonkeyPatch, python_path: None
 ) -> None:
     real_link = os.link
 
@@ -691,37 +751,37 @@ def _fail_nth(monkeypatch: pytest.MonkeyPatch, call: str, nth: int, applies: Cal
 
 @pytest.mark.parametrize(("stage", "nth"), [("link", 1), ("link", 2), ("folder fsync", 1)])
 def test_a_failed_publish_keeps_nothing_of_the_save(
-    writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch, stage: str, nth: int
+    python_writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch, stage: str, nth: int
 ) -> None:
     """link 1: the payload's final name; link 2: the sidecar's; then the folder fsync."""
-    earlier = [writer.save_checkpoint("L", 0, _state(i)) for i in range(2)]
-    before = _files(writer.active_dir)
+    earlier = [python_writer.save_checkpoint("L", 0, _state(i)) for i in range(2)]
+    before = _files(python_writer.active_dir)
     with monkeypatch.context() as patch:
         if stage == "folder fsync":
             _fail_nth(patch, "fsync", nth, lambda fd: stat.S_ISDIR(os.fstat(fd).st_mode))
         else:
             _fail_nth(patch, stage, nth)
         with pytest.raises(CheckpointWriteError, match="no space left on device"):
-            writer.save_checkpoint("L", 0, _state(9))
-    assert _files(writer.active_dir) == before
-    assert [i.checkpoint_id for i in writer.list_checkpoints()] == earlier[::-1]
+            python_writer.save_checkpoint("L", 0, _state(9))
+    assert _files(python_writer.active_dir) == before
+    assert [i.checkpoint_id for i in python_writer.list_checkpoints()] == earlier[::-1]
 
 
 @pytest.mark.parametrize("nth", [1, 2])
 def test_without_hard_links_a_failed_rename_leaves_no_placeholder(
-    writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch, nth: int
+    python_writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch, nth: int
 ) -> None:
     """Without hard links a final name is reserved by an empty placeholder, then the temp
     file is renamed onto it (rename 1: the payload, 2: the sidecar)."""
     monkeypatch.setattr(os, "link", _no_links)
-    earlier = writer.save_checkpoint("L", 0, _state(1), priority="high")
-    before = _files(writer.active_dir)
+    earlier = python_writer.save_checkpoint("L", 0, _state(1), priority="high")
+    before = _files(python_writer.active_dir)
     with monkeypatch.context() as patch:
         _fail_nth(patch, "replace", nth)
         with pytest.raises(CheckpointWriteError, match="no space left on device"):
-            writer.save_checkpoint("L", 0, _state(2), priority="high")
-    assert _files(writer.active_dir) == before
-    assert [i.checkpoint_id for i in writer.list_checkpoints()] == [earlier]
+            python_writer.save_checkpoint("L", 0, _state(2), priority="high")
+    assert _files(python_writer.active_dir) == before
+    assert [i.checkpoint_id for i in python_writer.list_checkpoints()] == [earlier]
 
 
 def test_a_large_payload_is_hashed_while_it_is_written_and_read(
@@ -762,14 +822,87 @@ def test_a_large_payload_is_hashed_while_it_is_written_and_read(
     assert torch.equal(manager.restore_checkpoint(checkpoint_id)["blueprint_state"]["w"], weights)
 
 
-def test_short_writes_are_completed(writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_short_writes_are_completed(python_writer: CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> None:
     real = os.writev
 
     def short_writev(fd: int, buffers: list) -> int:  # the kernel may write less than asked
         return real(fd, [bytes(memoryview(buffers[0]).cast("B")[:5])])
 
     monkeypatch.setattr(os, "writev", short_writev)
-    checkpoint_id = writer.save_checkpoint("L", 0, _state(3), {"w": torch.arange(100.0)})
+    checkpoint_id = python_writer.save_checkpoint("L", 0, _state(3), {"w": torch.arange(100.0)})
     monkeypatch.undo()
-    out = writer.restore_checkpoint(checkpoint_id)
+    out = python_writer.restore_checkpoint(checkpoint_id)
     assert out["state_data"]["epoch"] == 3 and torch.equal(out["blueprint_state"]["w"], torch.arange(100.0))
+
+
+# ---- the native write path (kasmina._fileio) ---------------------------------------------------
+needs_fileio = pytest.mark.skipif(ckpt.FILEIO is None, reason="kasmina._fileio is not built here (not Linux, or disabled)")
+
+
+@needs_fileio
+@pytest.mark.parametrize("python", ["anonymous", "named"])
+def test_native_and_python_saves_write_the_same_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, python: str) -> None:
+    data = {**_state(4), "w": torch.randn(3, 7), "empty": torch.zeros(0), "half": torch.arange(6).half()}
+    monkeypatch.setattr(ckpt._CLOCK, "next", lambda: (1_700_000_000_123, 42))
+    native = CheckpointManager(tmp_path / "native")
+    native_id = native.save_checkpoint("L", 3, data, {"b": torch.ones(2)}, priority="low", metadata={"note": "x"})
+    _use_write_path(python, monkeypatch)
+    other = CheckpointManager(tmp_path / "python")
+    assert other.save_checkpoint("L", 3, data, {"b": torch.ones(2)}, priority="low", metadata={"note": "x"}) == native_id
+    for name in (f"{native_id}.safetensors", f"{native_id}.json"):
+        assert (native.active_dir / name).read_bytes() == (other.active_dir / name).read_bytes()
+    assert sorted(p.name for p in native.active_dir.iterdir()) == sorted(p.name for p in other.active_dir.iterdir())
+
+
+_FSIZE_SAVE = """
+import resource, signal, sys, torch
+from kasmina import checkpoint as ckpt
+assert ckpt.FILEIO is not None
+manager = ckpt.CheckpointManager(sys.argv[1])
+earlier = manager.save_checkpoint("L", 0, {"epoch": 1, "w": torch.zeros(int(sys.argv[3]))})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+try:
+    manager.save_checkpoint("L", 0, {"epoch": 2, "w": torch.zeros(int(sys.argv[3]))})
+except ckpt.CheckpointWriteError as exc:
+    print(exc.errno, exc)
+print(earlier)
+"""
+
+
+@needs_fileio
+@pytest.mark.parametrize(("limit", "floats", "stage"), [(1000, 4096, "writing the payload"), (450, 8, "writing the sidecar")])
+def test_native_save_that_fails_leaves_nothing_and_keeps_earlier_checkpoints(
+    tmp_path: Path, limit: int, floats: int, stage: str
+) -> None:
+    """A real write failure (EFBIG past RLIMIT_FSIZE, in a subprocess): the payload, or
+    only the sidecar (a payload of 8 floats is about 300 bytes, its sidecar about 580)."""
+    folder = tmp_path / "ckpt"
+    run = subprocess.run(
+        [sys.executable, "-c", _FSIZE_SAVE, str(folder), str(limit), str(floats)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    error, earlier = run.stdout.splitlines()
+    assert error.startswith(f"{errno.EFBIG} ") and f"while {stage} in {folder / 'active'}" in error
+    assert "earlier checkpoints are intact" in error
+    manager = CheckpointManager(folder)
+    assert sorted(p.name for p in manager.active_dir.iterdir()) == [f"{earlier}.json", f"{earlier}.safetensors"]
+    assert [i.checkpoint_id for i in manager.list_checkpoints()] == [earlier]
+    assert manager.restore_checkpoint(earlier)["state_data"]["epoch"] == 1
+
+
+def test_a_retention_move_that_fails_warns_and_is_retried(writer: CheckpointManager) -> None:
+    """archive/ unusable (here: a file in its place): the save succeeds, warns, and the
+    checkpoint stays listed in active/; the next save once archive/ is back moves it."""
+    manager = CheckpointManager(writer.checkpoint_dir, max_checkpoints_per_seed=1)
+    first = manager.save_checkpoint("L", 0, _state(1))
+    manager.archive_dir.rmdir()
+    manager.archive_dir.write_text("in the way")
+    with pytest.warns(RuntimeWarning, match=f"retention could not archive {first}"):
+        second = manager.save_checkpoint("L", 0, _state(2))
+    assert [i.checkpoint_id for i in manager.list_checkpoints()] == [second, first]
+    manager.archive_dir.unlink()
+    manager.archive_dir.mkdir()
+    third = manager.save_checkpoint("L", 0, _state(3))
+    assert [i.checkpoint_id for i in manager.list_checkpoints()] == [third]
+    assert sorted(p.stem for p in manager.archive_dir.glob("*.json")) == sorted([first, second])

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kasmina import checkpoint as kasmina_checkpoint
 from kasmina.checkpoint import CheckpointManager, CheckpointRecovery
 from kasmina.durable_io import TEMP_PREFIX
 
@@ -26,11 +27,19 @@ RACE_WRITERS, RACE_SAVES = 4, 25
 VALUES_PER_ROUND = 1_000_000
 
 
+def use_python_calls() -> None:
+    """Make this process (and its forks) save through the Python system calls of
+    kasmina.durable_io instead of the native kasmina._fileio."""
+    import kasmina.checkpoint as ckpt
+
+    ckpt.FILEIO = None
+
+
 def use_named_temps() -> None:
-    """Make this process (and its forks) write named temp files, as on systems without
-    ``O_TMPFILE``."""
+    """... and write named temp files, as on systems without ``O_TMPFILE``."""
     import kasmina.durable_io as durable_io
 
+    use_python_calls()
     durable_io._ANONYMOUS_FLAGS = 0
 
 
@@ -171,37 +180,47 @@ def _every_sidecar_verifies(manager: CheckpointManager) -> None:
         manager.verify(sidecar.stem)
 
 
-TEMP_KINDS = ("anonymous", "named")  # O_TMPFILE temp files (where available), named ones (the fallback)
+# The write paths: the native calls (kasmina._fileio, where built), the Python calls with
+# O_TMPFILE temp files, and with named ones (the fallback elsewhere).
+WRITE_PATHS = ("native", "anonymous", "named")
+# Crash points are found by hooking the Python calls: the Python paths only.
+PYTHON_PATHS = ("anonymous", "named")
+_PATH_SETUP = {"native": "", "anonymous": "t.use_python_calls(); ", "named": "t.use_named_temps(); "}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    """The drivers in two subprocesses, one per temp-file kind (one import of torch each):
-    {name: (folder, log)}, names ``kill-<kind>``, ``points-<kind>`` and ``race``."""
+    """The drivers in one subprocess per write path (one import of torch each):
+    {name: (folder, log)}, names ``kill-<path>``, ``points-<path>`` and ``race``."""
     root = tmp_path_factory.mktemp("crash")
-    names = [f"{driver}-{kind}" for driver in ("kill", "points") for kind in TEMP_KINDS] + ["race"]
+    names = [*(f"kill-{path}" for path in WRITE_PATHS), *(f"points-{path}" for path in PYTHON_PATHS), "race"]
     paths = {name: (root / name, root / f"{name}.log") for name in names}
     for folder, log in paths.values():
         CheckpointManager(folder)
         log.touch()
     race_dir, race_log = paths["race"]
-    for kind in TEMP_KINDS:
-        (kill_dir, kill_log), (points_dir, points_log) = paths[f"kill-{kind}"], paths[f"points-{kind}"]
+    available = [path for path in WRITE_PATHS if path != "native" or kasmina_checkpoint.FILEIO is not None]
+    for path in available:
+        kill_dir, kill_log = paths[f"kill-{path}"]
         code = (
             f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_checkpoint_crash as t; "
-            + ("t.use_named_temps(); " if kind == "named" else "")
+            + _PATH_SETUP[path]
             + f"t.crash_driver({str(kill_dir)!r}, {str(kill_log)!r}, {KILLS}, 1234); "
-            + f"t.crash_point_driver({str(points_dir)!r}, {str(points_log)!r}); "
         )
-        if kind == "anonymous":
+        if path in PYTHON_PATHS:
+            points_dir, points_log = paths[f"points-{path}"]
+            code += f"t.crash_point_driver({str(points_dir)!r}, {str(points_log)!r}); "
+        if path == available[0]:  # the default path
             code += f"t.id_race_driver({str(race_dir)!r}, {str(race_log)!r}, {RACE_WRITERS}, {RACE_SAVES})"
         subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return paths
 
 
-@pytest.mark.parametrize("kind", TEMP_KINDS)
-def test_sigkill_at_random_points_never_breaks_a_listed_checkpoint(runs: dict[str, tuple[Path, Path]], kind: str) -> None:
-    folder, log = runs[f"kill-{kind}"]
+@pytest.mark.parametrize("path", WRITE_PATHS)
+def test_sigkill_at_random_points_never_breaks_a_listed_checkpoint(runs: dict[str, tuple[Path, Path]], path: str) -> None:
+    if path == "native" and kasmina_checkpoint.FILEIO is None:
+        pytest.skip("kasmina._fileio is not built here (not Linux, or KASMINA_DISABLE_EXTENSION is set)")
+    folder, log = runs[f"kill-{path}"]
     completed = [line.split() for line in log.read_text().splitlines()]  # O_APPEND line writes are never torn
     rounds = {int(value) // VALUES_PER_ROUND for value, _ in completed}
     assert len(rounds) == KILLS  # every writer completed a save before it was killed
@@ -248,9 +267,9 @@ def test_ids_never_collide_across_processes(runs: dict[str, tuple[Path, Path]]) 
     assert json.loads((folder / "active" / f"{ids[0]}.json").read_text())["checkpoint_id"] == ids[0]
 
 
-@pytest.mark.parametrize("kind", TEMP_KINDS)
-def test_a_crash_at_every_file_system_call_of_a_save(runs: dict[str, tuple[Path, Path]], kind: str) -> None:
-    folder, log = runs[f"points-{kind}"]
+@pytest.mark.parametrize("path", PYTHON_PATHS)
+def test_a_crash_at_every_file_system_call_of_a_save(runs: dict[str, tuple[Path, Path]], path: str) -> None:
+    folder, log = runs[f"points-{path}"]
     points = int(Path(f"{log}.points").read_text())
     assert points >= 10  # temp writes, fsyncs, links, unlinks, folder fsync, retention moves
     manager = CheckpointManager(folder)
