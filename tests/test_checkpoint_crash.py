@@ -9,6 +9,7 @@ import json
 import mmap
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,3 +282,83 @@ def test_a_crash_at_every_file_system_call_of_a_save(runs: dict[str, tuple[Path,
     assert result.checkpoint["state_data"]["value"] in (last_value, last_value + 1)
     for checkpoint_id, value in ((i, int(v)) for v, i in completed):  # every completed save survives
         assert manager.restore_checkpoint(checkpoint_id)["state_data"]["value"] == value
+
+
+# ---- the native path, killed at each of its system calls (strace fault injection) -----------
+_NATIVE_SAVE = """
+import os, sys, torch
+from kasmina import checkpoint as ckpt
+assert ckpt.FILEIO is not None
+manager = ckpt.CheckpointManager(sys.argv[1], max_checkpoints_per_seed=1, durable=sys.argv[2] == "durable")
+data = {"value": 2, "t": torch.full((64,), 2)}
+os.getppid()  # marks where the save starts in the trace
+manager.save_checkpoint("L", 0, data)
+"""
+# The calls of a native save that nothing else in that script makes, in the order a
+# durable save must make them: both files written, the sidecar's write-back hinted, both
+# fsynced, both linked, the folder fsynced, then retention's two renames.
+_NATIVE_CALLS = ("writev", "fadvise64", "fsync", "linkat", "rename")
+_DURABLE_ORDER = ["writev", "writev", "fadvise64", "fsync", "fsync", "linkat", "linkat", "fsync", "rename", "rename"]
+
+
+def _strace_usable() -> bool:
+    strace = shutil.which("strace")
+    return strace is not None and subprocess.run([strace, "-qq", "-e", "trace=none", "true"], capture_output=True).returncode == 0
+
+
+needs_native_and_strace = pytest.mark.skipif(
+    kasmina_checkpoint.FILEIO is None or not _strace_usable(),
+    reason="needs kasmina._fileio (Linux, not disabled) and a strace that may trace here",
+)
+
+
+def _one_saved(folder: Path) -> str:
+    return CheckpointManager(folder, max_checkpoints_per_seed=1).save_checkpoint("L", 0, {"value": 1, "t": torch.full((64,), 1)})
+
+
+def _traced_save(folder: Path, durable: bool, *strace_args: str) -> subprocess.CompletedProcess[str]:
+    mode = "durable" if durable else "fast"
+    command = ["strace", "-f", "-qq", *strace_args, sys.executable, "-c", _NATIVE_SAVE, str(folder), mode]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _calls_of_the_save(log: Path) -> list[str]:
+    lines = log.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if " getppid(" in line)
+    return [line.split()[1].split("(")[0] for line in lines[start + 1 :] if "(" in line]
+
+
+@needs_native_and_strace
+@pytest.mark.parametrize("durable", [True, False])
+def test_native_save_makes_its_calls_in_the_safe_order(tmp_path: Path, durable: bool) -> None:
+    folder, log = tmp_path / "ckpt", tmp_path / "trace"
+    _one_saved(folder)
+    run = _traced_save(folder, durable, "-o", str(log), "-e", f"trace=getppid,{','.join(_NATIVE_CALLS)}")
+    assert run.returncode == 0, run.stderr
+    expected = _DURABLE_ORDER if durable else [call for call in _DURABLE_ORDER if call not in ("fadvise64", "fsync")]
+    assert _calls_of_the_save(log) == expected
+
+
+@needs_native_and_strace
+def test_native_save_killed_at_each_system_call_keeps_every_complete_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL on entry to each call of a durable native save (the call never runs): the
+    earlier checkpoint survives, whatever is listed verifies, no temp file is left, and
+    recovery returns the earlier save, or the new one once its sidecar is linked (then
+    complete: a SIGKILL loses no page cache, only a power loss needs the folder fsync)."""
+    template = tmp_path / "template"
+    first = _one_saved(template)
+    for point, call in enumerate(_DURABLE_ORDER):
+        nth = _DURABLE_ORDER[: point + 1].count(call)
+        folder = tmp_path / f"kill-{point}"
+        shutil.copytree(template, folder)
+        run = _traced_save(folder, True, "-o", "/dev/null", "-e", f"trace={call}", "-e", f"inject={call}:signal=KILL:when={nth}")
+        assert run.returncode == -signal.SIGKILL, (call, nth, run.returncode, run.stderr)
+        manager = CheckpointManager(folder, max_checkpoints_per_seed=1)
+        assert not [p for p in (folder / "active").iterdir() if p.name.startswith(TEMP_PREFIX)]
+        _every_sidecar_verifies(manager)
+        assert manager.restore_checkpoint(first)["state_data"]["value"] == 1  # in active/ or archive/
+        result = CheckpointRecovery(manager).recover_seed_state("L", 0)
+        committed = point > _DURABLE_ORDER.index("linkat") + 1  # killed after the sidecar's link: complete
+        assert result.checkpoint["state_data"]["value"] == (2 if committed else 1), (call, nth)
+        listed = [info.checkpoint_id for info in manager.list_checkpoints(limit=None)]
+        assert listed[0] == result.checkpoint_id and set(listed[1:]) <= {first}  # retention may not have run yet
