@@ -64,8 +64,10 @@ def _fileio_extension() -> list[Extension]:
     return [Extension("kasmina._fileio", sources=["csrc/fileio/durable_commit.cpp"], extra_compile_args=["-O2", "-Wall"])]
 
 
+FILEIO = _fileio_extension()
 setup(
-    ext_modules=[_extension(), *_fileio_extension()],
+    ext_modules=[_extension(), *FILEIO],
     cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    # kasmina._C alone is abi3; with kasmina._fileio the wheel is for this Python only
+    options={} if FILEIO else {"bdist_wheel": {"py_limited_api": "cp310"}},
 )

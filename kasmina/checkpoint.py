@@ -391,7 +391,7 @@ class CheckpointManager:
                 )  # fmt: skip
             except OSError as exc:
                 raise self._write_error(exc, exc.stage, key) from exc  # type: ignore[attr-defined]
-            if type(outcome) is tuple:
+            if type(outcome) is tuple:  # (sidecar inode, failed moves)
                 break
             if outcome == FILEIO.NO_ANONYMOUS:  # type: ignore[union-attr]
                 no_anonymous_files(self._active_path)

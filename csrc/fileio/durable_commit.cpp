@@ -32,15 +32,14 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace {
 
-constexpr long long kNameTaken = -1;
-constexpr long long kNoAnonymous = -2;
-constexpr long long kFailed = -3;
+enum Outcome { kCommitted = 0, kNameTaken = -1, kNoAnonymous = -2, kFailed = -3 };
 
 struct Failure {
   const char* stage = nullptr;
@@ -52,14 +51,17 @@ struct Move {
   std::string sidecar_from, sidecar_to, payload_from, payload_to;
 };
 
-// The answers of open(O_TMPFILE) and of linking /proc/self/fd/N where unnamed files are
-// not available (old kernels, file systems without them, no /proc of this process).
-bool no_anonymous(int error) {
-  return error == EOPNOTSUPP || error == ENOTSUP || error == EISDIR || error == EINVAL || error == EPERM ||
-         error == EMLINK || error == ENOSYS || error == ENOENT || error == EXDEV;
+// What open(O_TMPFILE) answers where unnamed files are not supported (old kernels: EISDIR),
+// and what linking /proc/self/fd/N answers where they cannot be linked (no hard links,
+// no /proc of this process): the same sets as kasmina/durable_io.py's.
+bool no_tmpfile(int error) { return error == EOPNOTSUPP || error == ENOTSUP || error == EISDIR || error == EINVAL; }
+
+bool no_anonymous_link(int error) {
+  return no_tmpfile(error) || error == EPERM || error == EMLINK || error == ENOSYS || error == ENOENT || error == EXDEV;
 }
 
-int write_all(int fd, std::vector<iovec> iov) {
+// Writes every byte; advances the entries of `iov` past what a short write took.
+int write_all(int fd, std::vector<iovec>& iov) {
   size_t first = 0;
   while (first < iov.size()) {
     int count = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
@@ -114,43 +116,46 @@ struct Commit {
   }
 };
 
-long long fail(Failure& failure, const char* stage) {
+Outcome fail(Failure& failure, const char* stage) {
   failure.stage = stage;
   failure.error = errno;
   return kFailed;
 }
 
-// The system calls, without the GIL: the sidecar's inode, kNameTaken, kNoAnonymous, or
-// kFailed with `failure` filled in. `move_errors` gets (move index, errno) for moves that
-// failed (a missing file is not a failure: someone else moved or deleted it).
-long long commit(const char* folder, const std::vector<iovec>& payload, const iovec& sidecar, const char* payload_name,
-                 const char* sidecar_name, bool durable, const std::vector<Move>& moves, Failure& failure,
-                 std::vector<std::pair<size_t, int>>& move_errors) {
+// The system calls, without the GIL: kCommitted with the sidecar's `inode`, kNameTaken,
+// kNoAnonymous, or kFailed with `failure` filled in. `move_errors` gets (move index,
+// errno) for moves that failed (a missing file is not a failure: someone else moved or
+// deleted it).
+Outcome commit(const char* folder, std::vector<iovec>& payload, std::vector<iovec>& sidecar, const char* payload_name,
+               const char* sidecar_name, bool durable, const std::vector<Move>& moves, unsigned long long& inode,
+               Failure& failure, std::vector<std::pair<size_t, int>>& move_errors) {
   Commit c;
   c.dir_fd = open(folder, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (c.dir_fd < 0) return fail(failure, "opening the folder");
   c.payload_fd = open(folder, O_RDWR | O_TMPFILE | O_CLOEXEC, 0644);
-  if (c.payload_fd < 0) return no_anonymous(errno) ? kNoAnonymous : fail(failure, "writing the payload");
+  if (c.payload_fd < 0) return no_tmpfile(errno) ? kNoAnonymous : fail(failure, "writing the payload");
   if (write_all(c.payload_fd, payload) != 0) return fail(failure, "writing the payload");
   c.sidecar_fd = open(folder, O_RDWR | O_TMPFILE | O_CLOEXEC, 0644);
-  if (c.sidecar_fd < 0 || write_all(c.sidecar_fd, {sidecar}) != 0) return fail(failure, "writing the sidecar");
+  if (c.sidecar_fd < 0 || write_all(c.sidecar_fd, sidecar) != 0) return fail(failure, "writing the sidecar");
   if (durable) {
     (void)posix_fadvise(c.sidecar_fd, 0, 0, POSIX_FADV_DONTNEED);  // a hint nobody has to take
     if (fsync_retrying(c.payload_fd) != 0 || fsync_retrying(c.sidecar_fd) != 0)
       return fail(failure, "syncing the payload and sidecar");
   }
-  if (link_anonymous(c.payload_fd, c.dir_fd, payload_name) != 0) {
-    if (errno == EEXIST) return kNameTaken;
-    return no_anonymous(errno) ? kNoAnonymous : fail(failure, "publishing the checkpoint");
+  // A refused link: the name is taken (kNameTaken), or the folder cannot link unnamed
+  // files (kNoAnonymous: the payload's name, if linked, is removed on the way out).
+  for (auto [fd, name] : {std::pair{c.payload_fd, payload_name}, std::pair{c.sidecar_fd, sidecar_name}}) {
+    if (link_anonymous(fd, c.dir_fd, name) != 0) {
+      if (errno == EEXIST) return kNameTaken;
+      return no_anonymous_link(errno) ? kNoAnonymous : fail(failure, "publishing the checkpoint");
+    }
+    (fd == c.payload_fd ? c.payload_name : c.sidecar_name) = name;
   }
-  c.payload_name = payload_name;
-  if (link_anonymous(c.sidecar_fd, c.dir_fd, sidecar_name) != 0)
-    return errno == EEXIST ? kNameTaken : fail(failure, "publishing the checkpoint");
-  c.sidecar_name = sidecar_name;
   struct stat info;
   if (fstat(c.sidecar_fd, &info) != 0) return fail(failure, "publishing the checkpoint");
   if (durable && fsync_retrying(c.dir_fd) != 0) return fail(failure, "syncing the folder");
   c.keep = true;
+  inode = static_cast<unsigned long long>(info.st_ino);
   for (size_t i = 0; i < moves.size(); ++i) {  // sidecar first: the checkpoint leaves active/ atomically
     const Move& move = moves[i];
     if (std::rename(move.sidecar_from.c_str(), move.sidecar_to.c_str()) != 0 && errno != ENOENT) {
@@ -160,7 +165,7 @@ long long commit(const char* folder, const std::vector<iovec>& payload, const io
     if (std::rename(move.payload_from.c_str(), move.payload_to.c_str()) != 0 && errno != ENOENT)
       move_errors.emplace_back(i, errno);
   }
-  return static_cast<long long>(info.st_ino);
+  return kCommitted;
 }
 
 // Holds the buffers of the Python objects for the duration of the call.
@@ -190,7 +195,7 @@ bool parse_moves(PyObject* moves, std::vector<Move>& out) {
   return true;
 }
 
-PyObject* commit_pair(PyObject*, PyObject* args) {
+PyObject* commit_pair_checked(PyObject* args) {
   const char *folder, *payload_name, *sidecar_name;
   PyObject *chunks, *sidecar_object, *moves_object;
   int durable;
@@ -208,9 +213,12 @@ PyObject* commit_pair(PyObject*, PyObject* args) {
   if (!parse_moves(moves_object, moves)) return nullptr;
   Failure failure;
   std::vector<std::pair<size_t, int>> move_errors;
-  long long outcome;
+  move_errors.reserve(moves.size() * 2);  // no allocation while the GIL is released
+  unsigned long long inode = 0;
+  Outcome outcome;
   Py_BEGIN_ALLOW_THREADS;
-  outcome = commit(folder, payload, sidecar[0], payload_name, sidecar_name, durable != 0, moves, failure, move_errors);
+  outcome = commit(folder, payload, sidecar, payload_name, sidecar_name, durable != 0, moves, inode, failure,
+                   move_errors);
   Py_END_ALLOW_THREADS;
   if (outcome == kFailed) {
     PyObject* error = PyObject_CallFunction(PyExc_OSError, "is", failure.error, std::strerror(failure.error));
@@ -222,7 +230,7 @@ PyObject* commit_pair(PyObject*, PyObject* args) {
     Py_DECREF(error);
     return nullptr;
   }
-  if (outcome < 0) return PyLong_FromLongLong(outcome);
+  if (outcome != kCommitted) return PyLong_FromLong(outcome);
   PyObject* errors = PyTuple_New(static_cast<Py_ssize_t>(move_errors.size()));
   if (errors == nullptr) return nullptr;
   for (size_t i = 0; i < move_errors.size(); ++i) {
@@ -233,7 +241,16 @@ PyObject* commit_pair(PyObject*, PyObject* args) {
     }
     PyTuple_SET_ITEM(errors, static_cast<Py_ssize_t>(i), item);
   }
-  return Py_BuildValue("(LN)", outcome, errors);
+  return Py_BuildValue("(KN)", inode, errors);
+}
+
+// C++ allocation failures become MemoryError instead of ending the process.
+PyObject* commit_pair(PyObject*, PyObject* args) {
+  try {
+    return commit_pair_checked(args);
+  } catch (const std::bad_alloc&) {
+    return PyErr_NoMemory();
+  }
 }
 
 PyMethodDef methods[] = {
