@@ -170,12 +170,19 @@ def _id_readings(checkpoint_id: str) -> list[tuple[SeedKey, tuple[int, int]]]:
 
 
 # ---- validation --------------------------------------------------------------------------
+_VALID_LAYER_IDS: set[str] = set()  # layer ids checked already (the first few thousand)
+
+
 def _check_layer_id(layer_id: Any) -> str:
+    if type(layer_id) is str and layer_id in _VALID_LAYER_IDS:
+        return layer_id
     if not isinstance(layer_id, str) or not _LAYER_ID_RE.match(layer_id):
         raise ValueError(
             f"layer_id {layer_id!r} is not allowed: use 1-128 characters from A-Z a-z 0-9 _ . - , "
             "starting with a letter or digit (no path separators)"
         )
+    if type(layer_id) is str and len(_VALID_LAYER_IDS) < 4096:
+        _VALID_LAYER_IDS.add(layer_id)
     return layer_id
 
 

@@ -149,6 +149,22 @@ def lifecycle_state_of(value: Any) -> int | None:
 # ---- payload ---------------------------------------------------------------------------
 # Payloads this large are hashed on a second thread while they are written (and read).
 BACKGROUND_HASH_BYTES = 16 << 20
+# Inputs this small are hashed by CPython's own SHA-256 (_sha256, _sha2 from 3.12): slower
+# per byte than OpenSSL's, but far less code to run, which is what a small save pays for
+# (about 70 µs of a 1 KB durable save here, where each fsync leaves the CPU's caches cold).
+SMALL_HASH_BYTES = 16 << 10
+try:
+    from _sha256 import sha256 as _builtin_sha256  # type: ignore[import-not-found]
+except ImportError:
+    try:
+        from _sha2 import sha256 as _builtin_sha256  # type: ignore[import-not-found,no-redef]
+    except ImportError:
+        _builtin_sha256 = hashlib.sha256  # type: ignore[assignment]
+
+
+def sha256_of(nbytes: int) -> Any:
+    """A new SHA-256 hasher for ``nbytes`` of input (the same digest either way)."""
+    return _builtin_sha256() if nbytes < SMALL_HASH_BYTES else hashlib.sha256()
 
 
 class EncodedPayload:
@@ -183,7 +199,7 @@ class EncodedPayload:
         return self._digest  # type: ignore[return-value]
 
     def _hash(self) -> None:
-        digest = hashlib.sha256()
+        digest = sha256_of(self.size)
         for chunk in self.chunks:
             digest.update(chunk)
         self._digest = digest.hexdigest()
@@ -391,9 +407,10 @@ def build_sidecar(info: CheckpointInfo) -> bytes:
     body["format"] = SIDECAR_FORMAT
     body["created_utc"] = _utc_text(info.created_ms) if info.created_ms / 1000 == info.timestamp else _utc_iso(info.timestamp)
     body["lifecycle_state_name"] = info.lifecycle_state_name
-    canonical = _canonical_json(body)
-    digest = hashlib.sha256(canonical.encode()).hexdigest()
-    return f'{canonical[:-1]},"sidecar_sha256":"{digest}"}}'.encode()
+    canonical = _canonical_json(body).encode()
+    digest = sha256_of(len(canonical))
+    digest.update(canonical)
+    return b"%s,\"sidecar_sha256\":\"%s\"}" % (canonical[:-1], digest.hexdigest().encode())
 
 
 def _utc_iso(timestamp: float) -> str:
@@ -490,4 +507,7 @@ def _typed(body: dict[str, Any], key: str, kind: type | tuple[type, ...], *, opt
 
 
 def _canonical_sha(body: Mapping[str, Any]) -> str:
-    return hashlib.sha256(_canonical_json(body).encode()).hexdigest()
+    canonical = _canonical_json(body).encode()
+    digest = sha256_of(len(canonical))
+    digest.update(canonical)
+    return digest.hexdigest()

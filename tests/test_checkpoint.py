@@ -396,6 +396,31 @@ def test_unsafe_layer_ids_are_rejected(manager: CheckpointManager, layer_id: obj
     assert _files(manager.active_dir) == set() and _files(manager.checkpoint_dir) == {"active", "archive"}
 
 
+def test_layer_ids_checked_before_are_still_the_only_ones_let_through(manager: CheckpointManager) -> None:
+    """Valid layer ids are remembered; nothing else is, however it compares or hashes."""
+
+    class Sneaky(str):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __hash__(self) -> int:
+            return hash("L")
+
+    manager.save_checkpoint("L", 0, _state(1))
+    for bad in ("L\n", "L/..", Sneaky("../L")):
+        with pytest.raises(ValueError, match="layer_id"):
+            manager.save_checkpoint(bad, 0, _state(1))
+    assert [i.layer_id for i in manager.list_checkpoints()] == ["L"]
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 64, 1 << 20, checkpoint_format.SMALL_HASH_BYTES - 1, 16 << 10])
+def test_small_and_large_inputs_hash_to_the_same_sha256(nbytes: int) -> None:
+    data = os.urandom(nbytes)
+    hasher = checkpoint_format.sha256_of(nbytes)
+    hasher.update(data)
+    assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
