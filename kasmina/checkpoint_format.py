@@ -167,6 +167,12 @@ def sha256_of(nbytes: int) -> Any:
     return _builtin_sha256() if nbytes < SMALL_HASH_BYTES else hashlib.sha256()
 
 
+def _sha256_hex(data: bytes) -> str:
+    digest = sha256_of(len(data))
+    digest.update(data)
+    return digest.hexdigest()
+
+
 class EncodedPayload:
     """A payload ready to write: ``chunks`` in file order, total ``size`` and its sha256
     (computed when first read, so a writer can start the write first; for a large
@@ -408,9 +414,7 @@ def build_sidecar(info: CheckpointInfo) -> bytes:
     body["created_utc"] = _utc_text(info.created_ms) if info.created_ms / 1000 == info.timestamp else _utc_iso(info.timestamp)
     body["lifecycle_state_name"] = info.lifecycle_state_name
     canonical = _canonical_json(body).encode()
-    digest = sha256_of(len(canonical))
-    digest.update(canonical)
-    return b"%s,\"sidecar_sha256\":\"%s\"}" % (canonical[:-1], digest.hexdigest().encode())
+    return b"%s,\"sidecar_sha256\":\"%s\"}" % (canonical[:-1], _sha256_hex(canonical).encode())
 
 
 def _utc_iso(timestamp: float) -> str:
@@ -507,7 +511,4 @@ def _typed(body: dict[str, Any], key: str, kind: type | tuple[type, ...], *, opt
 
 
 def _canonical_sha(body: Mapping[str, Any]) -> str:
-    canonical = _canonical_json(body).encode()
-    digest = sha256_of(len(canonical))
-    digest.update(canonical)
-    return digest.hexdigest()
+    return _sha256_hex(_canonical_json(body).encode())

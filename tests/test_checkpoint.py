@@ -56,13 +56,17 @@ def manager(tmp_path: Path) -> CheckpointManager:
     return CheckpointManager(tmp_path / "ckpt")
 
 
+NO_FILEIO = "kasmina._fileio is not built here (not Linux, or KASMINA_DISABLE_EXTENSION is set)"
+needs_fileio = pytest.mark.skipif(ckpt.FILEIO is None, reason=NO_FILEIO)
+
+
 def _use_write_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make saves take ``path``: ``native`` (kasmina._fileio, the default where it is
     built), ``anonymous`` (the Python calls, unnamed temp files) or ``named`` (the Python
     calls with named temp files: systems without O_TMPFILE)."""
     if path == "native":
         if ckpt.FILEIO is None:
-            pytest.skip("kasmina._fileio is not built here (not Linux, or KASMINA_DISABLE_EXTENSION is set)")
+            pytest.skip(NO_FILEIO)
         return
     monkeypatch.setattr(ckpt, "FILEIO", None)
     if path == "named":
@@ -239,11 +243,10 @@ def test_numbers_are_per_seed_sequences_and_map_back(tmp_path: Path) -> None:
     assert reopened.verify(reopened.save_checkpoint("L", 0, _state(9))).number == 5
 
 
+@needs_fileio
 def test_native_saves_committing_together_still_keep_only_the_newest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two saves choose their retention moves before either commits (so neither counts the
     other); whichever commits last must still archive down to max_checkpoints_per_seed."""
-    if ckpt.FILEIO is None:
-        pytest.skip("kasmina._fileio is not built here (not Linux, or KASMINA_DISABLE_EXTENSION is set)")
     manager = CheckpointManager(tmp_path, max_checkpoints_per_seed=2, durable=False)
     first = [manager.save_checkpoint("L", 0, _state(i)) for i in range(2)]
     both_chose = threading.Barrier(2, timeout=30)
@@ -861,9 +864,6 @@ def test_short_writes_are_completed(python_writer: CheckpointManager, monkeypatc
 
 
 # ---- the native write path (kasmina._fileio) ---------------------------------------------------
-needs_fileio = pytest.mark.skipif(ckpt.FILEIO is None, reason="kasmina._fileio is not built here (not Linux, or disabled)")
-
-
 @needs_fileio
 @pytest.mark.parametrize("python", ["anonymous", "named"])
 def test_native_and_python_saves_write_the_same_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, python: str) -> None:
