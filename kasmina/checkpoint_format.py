@@ -250,6 +250,7 @@ def _json_encoder(sort_keys: bool) -> Callable[[Any], str]:
 
 
 _escape = json.encoder.encode_basestring_ascii  # a str as JSON, quotes included (json's own, in C)
+_FORMAT_JSON = _escape(SIDECAR_FORMAT)
 _compact_encode = _json_encoder(sort_keys=False)
 _canonical_json = _json_encoder(sort_keys=True)
 
@@ -404,17 +405,55 @@ def _parse_safetensors(buffer: torch.Tensor, path: Path) -> tuple[dict[str, torc
 
 
 # ---- sidecar ---------------------------------------------------------------------------
+# The sidecar's canonical JSON (what parse_sidecar checks) is written through one template:
+# its keys in the sorted order of json.dumps(sort_keys=True), each value as that encoder
+# writes it. Cheaper than building the dict and encoding it, which a small save pays for.
+_SIDECAR_KEYS = (
+    "checkpoint_id", "created_ms", "created_utc", "format", "kind", "layer_id", "lifecycle_state",
+    "lifecycle_state_name", "number", "payload_file", "payload_size", "priority", "seed_id", "seq", "sha256",
+    "timestamp", "version",
+)  # fmt: skip
+if list(_SIDECAR_KEYS) != sorted({*CheckpointInfo._fields, "format", "created_utc", "lifecycle_state_name"} - {"location"}):
+    raise AssertionError("_SIDECAR_KEYS must list CheckpointInfo's fields, sorted")  # caught by any import
+_SIDECAR_TEMPLATE = "{" + ",".join(f'"{key}":%s' for key in _SIDECAR_KEYS) + "}"
+
+
 def build_sidecar(info: CheckpointInfo) -> bytes:
     """The sidecar JSON of ``info`` (location is not stored: it is where the file is): its
     canonical JSON (sorted keys, compact: what :func:`parse_sidecar` checks) with
     ``sidecar_sha256`` of that text appended."""
-    body = info._asdict()
-    del body["location"]
-    body["format"] = SIDECAR_FORMAT
-    body["created_utc"] = _utc_text(info.created_ms) if info.created_ms / 1000 == info.timestamp else _utc_iso(info.timestamp)
-    body["lifecycle_state_name"] = info.lifecycle_state_name
-    canonical = _canonical_json(body).encode()
-    return b"%s,\"sidecar_sha256\":\"%s\"}" % (canonical[:-1], _sha256_hex(canonical).encode())
+    state = info.lifecycle_state
+    created = _utc_text(info.created_ms) if info.created_ms / 1000 == info.timestamp else _utc_iso(info.timestamp)
+    canonical = (
+        _SIDECAR_TEMPLATE
+        % (
+            _escape(info.checkpoint_id),
+            int.__repr__(info.created_ms),
+            _escape(created),
+            _FORMAT_JSON,
+            _escape(info.kind),
+            _escape(info.layer_id),
+            "null" if state is None else int.__repr__(state),
+            "null" if state is None else _escape(STATE_NAMES[state]),
+            int.__repr__(info.number),
+            _escape(info.payload_file),
+            int.__repr__(info.payload_size),
+            _escape(info.priority),
+            "null" if info.seed_id is None else int.__repr__(info.seed_id),
+            int.__repr__(info.seq),
+            "null" if info.sha256 is None else _escape(info.sha256),
+            _json_float(info.timestamp),
+            int.__repr__(info.version),
+        )
+    ).encode()
+    return b'%s,"sidecar_sha256":"%s"}' % (canonical[:-1], _sha256_hex(canonical).encode())
+
+
+def _json_float(value: float) -> str:
+    """``value`` as Python's JSON encoder writes a float."""
+    if math.isfinite(value):
+        return float.__repr__(value)
+    return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
 
 
 def _utc_iso(timestamp: float) -> str:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import kasmina
@@ -26,6 +28,7 @@ from kasmina import checkpoint as ckpt
 from kasmina import checkpoint_format, durable_io
 from kasmina import checkpoint_index as ckpt_index
 from kasmina import checkpoint_scan as ckpt_scan
+from kasmina._generated.lifecycle_tables import STATE_NAMES
 from kasmina.checkpoint import (
     CheckpointCorruptError,
     CheckpointManager,
@@ -422,6 +425,51 @@ def test_small_and_large_inputs_hash_to_the_same_sha256(nbytes: int) -> None:
     hasher = checkpoint_format.sha256_of(nbytes)
     hasher.update(data)
     assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+_texts = st.text(max_size=12)
+_ints = st.integers(min_value=-(2**70), max_value=2**70)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    info=st.builds(
+        checkpoint_format.CheckpointInfo,
+        checkpoint_id=_texts,
+        kind=_texts,
+        layer_id=_texts,
+        seed_id=st.none() | _ints,
+        number=_ints,
+        created_ms=st.integers(min_value=0, max_value=2**53) | _ints,
+        seq=_ints,
+        timestamp=st.floats() | st.integers(min_value=0, max_value=2**53).map(lambda ms: ms / 1000),
+        priority=_texts,
+        lifecycle_state=st.none() | st.integers(min_value=0, max_value=len(STATE_NAMES) - 1),
+        payload_file=_texts,
+        payload_size=_ints,
+        sha256=st.none() | _texts,
+        version=_ints,
+    ),
+    same_ms=st.booleans(),
+)
+def test_the_sidecar_template_writes_the_canonical_json(info: checkpoint_format.CheckpointInfo, same_ms: bool) -> None:
+    if same_ms and info.created_ms >= 0:
+        info = info._replace(timestamp=info.created_ms / 1000)
+    body = info._asdict()
+    del body["location"]
+    body["format"] = checkpoint_format.SIDECAR_FORMAT
+    body["lifecycle_state_name"] = None if info.lifecycle_state is None else STATE_NAMES[info.lifecycle_state]
+    try:  # created_utc derived as build_sidecar derives it: what is tested here is the JSON
+        same = info.created_ms / 1000 == info.timestamp
+        utc = checkpoint_format._utc_text(info.created_ms) if same else checkpoint_format._utc_iso(info.timestamp)
+    except (ValueError, OverflowError, OSError) as exc:  # outside what datetime can write
+        with pytest.raises(type(exc)):
+            checkpoint_format.build_sidecar(info)
+        return
+    body["created_utc"] = utc
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    expected = canonical[:-1] + b',"sidecar_sha256":"%s"}' % hashlib.sha256(canonical).hexdigest().encode()
+    assert checkpoint_format.build_sidecar(info) == expected
 
 
 @pytest.mark.parametrize(
