@@ -56,12 +56,13 @@ def _extension():
 
 
 def _fileio_extension() -> list[Extension]:
-    """The checkpoint writer's system calls (Linux only: O_TMPFILE, linkat, /proc/self/fd;
-    elsewhere kasmina.durable_io does them in Python)."""
+    """The checkpoint writer's native part: its system calls (Linux only: O_TMPFILE, linkat,
+    /proc/self/fd; elsewhere kasmina.durable_io does them in Python) and its SHA-256."""
     if not sys.platform.startswith("linux"):
         return []
     # Not the limited API: the buffer protocol joined it only in Python 3.11.
-    return [Extension("kasmina._fileio", sources=["csrc/fileio/durable_commit.cpp"], extra_compile_args=["-O2", "-Wall"])]
+    sources = ["csrc/fileio/durable_commit.cpp", "csrc/fileio/sha256.cpp"]
+    return [Extension("kasmina._fileio", sources=sources, extra_compile_args=["-O2", "-Wall"])]
 
 
 FILEIO = _fileio_extension()

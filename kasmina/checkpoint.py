@@ -70,6 +70,7 @@ from .checkpoint_format import (
     lifecycle_state_of,
     load_json,
     parse_sidecar,
+    sha256_hex,
 )
 from .checkpoint_index import SeedKey, SidecarIndex, newest_first
 from .checkpoint_scan import FolderScan
@@ -973,7 +974,6 @@ def _read_hashed(fd: int, view: memoryview) -> str | None:
     """Fill ``view`` from ``fd`` and return the sha256 of what was read (hex), or None
     when the file ends before ``view`` is full."""
     size = view.nbytes
-    digest = hashlib.sha256()
     if size < BACKGROUND_HASH_BYTES:
         done = 0
         while done < size:
@@ -981,8 +981,8 @@ def _read_hashed(fd: int, view: memoryview) -> str | None:
             if count == 0:
                 return None
             done += count
-        digest.update(view)
-        return digest.hexdigest()
+        return sha256_hex((view,))
+    digest = hashlib.sha256()
     pieces: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
 
     def hash_pieces() -> None:

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._extension import FILEIO
 from ._generated.lifecycle_tables import NUM_STATES, STATE_NAMES
 from .checkpoint_errors import CheckpointCorruptError
 
@@ -46,6 +47,7 @@ __all__ = [
     "lifecycle_state_of",
     "load_json",
     "parse_sidecar",
+    "sha256_hex",
 ]
 
 FORMAT_VERSION = 2
@@ -149,9 +151,9 @@ def lifecycle_state_of(value: Any) -> int | None:
 # ---- payload ---------------------------------------------------------------------------
 # Payloads this large are hashed on a second thread while they are written (and read).
 BACKGROUND_HASH_BYTES = 16 << 20
-# Inputs this small are hashed by CPython's own SHA-256 (_sha256, _sha2 from 3.12): slower
-# per byte than OpenSSL's, but far less code to run, which is what a small save pays for
-# (about 70 µs of a 1 KB durable save here, where each fsync leaves the CPU's caches cold).
+# Without kasmina._fileio, inputs this small are hashed by CPython's own SHA-256 (_sha256,
+# _sha2 from 3.12): slower per byte than OpenSSL's, but far less code to run, which is what
+# a small save pays for (each fsync leaves the CPU's caches cold).
 SMALL_HASH_BYTES = 16 << 10
 try:
     from _sha256 import sha256 as _builtin_sha256  # type: ignore[import-not-found]
@@ -162,14 +164,24 @@ except ImportError:
         _builtin_sha256 = hashlib.sha256  # type: ignore[assignment]
 
 
+# The SHA-256 of a tuple of buffers in one native call (kasmina._fileio, where it is built):
+# cheaper for a save than a hasher object, whose code each fsync leaves cold (see
+# csrc/fileio/sha256.cpp).
+_NATIVE_SHA256: Callable[[tuple[Any, ...]], str] | None = getattr(FILEIO, "sha256_hex", None)
+
+
 def sha256_of(nbytes: int) -> Any:
     """A new SHA-256 hasher for ``nbytes`` of input (the same digest either way)."""
     return _builtin_sha256() if nbytes < SMALL_HASH_BYTES else hashlib.sha256()
 
 
-def _sha256_hex(data: bytes) -> str:
-    digest = sha256_of(len(data))
-    digest.update(data)
+def sha256_hex(chunks: tuple[Any, ...]) -> str:
+    """The SHA-256 of ``chunks`` (buffers, in order) as 64 hex digits."""
+    if _NATIVE_SHA256 is not None:
+        return _NATIVE_SHA256(chunks)
+    digest = sha256_of(sum(memoryview(chunk).nbytes for chunk in chunks))
+    for chunk in chunks:
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -205,10 +217,7 @@ class EncodedPayload:
         return self._digest  # type: ignore[return-value]
 
     def _hash(self) -> None:
-        digest = sha256_of(self.size)
-        for chunk in self.chunks:
-            digest.update(chunk)
-        self._digest = digest.hexdigest()
+        self._digest = sha256_hex(self.chunks)
 
 
 def encode_payload(sections: Mapping[str, Any]) -> EncodedPayload:
@@ -446,7 +455,7 @@ def build_sidecar(info: CheckpointInfo) -> bytes:
             int.__repr__(info.version),
         )
     ).encode()
-    return b'%s,"sidecar_sha256":"%s"}' % (canonical[:-1], _sha256_hex(canonical).encode())
+    return b'%s,"sidecar_sha256":"%s"}' % (canonical[:-1], sha256_hex((canonical,)).encode())
 
 
 def _json_float(value: float) -> str:
@@ -550,4 +559,4 @@ def _typed(body: dict[str, Any], key: str, kind: type | tuple[type, ...], *, opt
 
 
 def _canonical_sha(body: Mapping[str, Any]) -> str:
-    return _sha256_hex(_canonical_json(body).encode())
+    return sha256_hex((_canonical_json(body).encode(),))

@@ -427,6 +427,36 @@ def test_small_and_large_inputs_hash_to_the_same_sha256(nbytes: int) -> None:
     assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+@needs_fileio
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=700), cuts=st.lists(st.integers(0, 700), max_size=4), portable=st.booleans())
+def test_native_sha256_matches_hashlib(data: bytes, cuts: list[int], portable: bool) -> None:
+    bounds = sorted({min(cut, len(data)) for cut in cuts})
+    pieces = tuple(data[a:b] for a, b in zip([0, *bounds], [*bounds, len(data)], strict=True))
+    assert ckpt.FILEIO.sha256_hex(pieces, portable) == hashlib.sha256(data).hexdigest()
+
+
+@needs_fileio
+@pytest.mark.parametrize("portable", [False, True], ids=["fastest", "portable"])
+def test_native_sha256_of_large_and_typed_buffers(portable: bool) -> None:
+    """Chunks past the size hashed with the GIL released, and tensor bytes as the encoder
+    hands them over (float arrays: buffers of another format)."""
+    data = torch.randn(300_000).numpy()
+    pieces = (b"header", data, memoryview(data).cast("B")[:1001], b"")
+    expected = hashlib.sha256(b"header" + data.tobytes() + data.tobytes()[:1001]).hexdigest()
+    assert ckpt.FILEIO.sha256_hex(pieces, portable) == expected
+    with pytest.raises(TypeError):
+        ckpt.FILEIO.sha256_hex(["not", "a", "tuple"])
+
+
+@needs_fileio
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="SHA-NI is an x86-64 feature")
+def test_native_sha256_uses_the_sha_extensions_where_the_cpu_has_them() -> None:
+    """So that the tests above compare the SHA-NI rounds, not the portable ones twice."""
+    flags = Path("/proc/cpuinfo").read_text().split()
+    assert ckpt.FILEIO.SHA_NI == ("sha_ni" in flags and "sse4_1" in flags and "ssse3" in flags)
+
+
 _texts = st.text(max_size=12)
 _ints = st.integers(min_value=-(2**70), max_value=2**70)
 

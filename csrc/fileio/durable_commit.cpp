@@ -1,5 +1,6 @@
 // kasmina._fileio.commit_pair: the file-system part of one durable checkpoint save
 // (kasmina/checkpoint.py, CheckpointManager._commit) in one call that releases the GIL.
+// The module also holds the saves' SHA-256 (sha256_hex, sha256.cpp).
 //
 // Two unnamed files (O_TMPFILE) in the folder get the payload and the sidecar; the
 // sidecar's write-back is started at once (posix_fadvise DONTNEED: on ext4 its data then
@@ -19,9 +20,6 @@
 // folder cannot make or link unnamed files (the caller writes named temp files instead).
 // Other failures raise OSError with the errno and a `stage` attribute ("writing the
 // payload", ...), leaving nothing of the save behind.
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/stat.h>
@@ -36,6 +34,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "sha256.h"
 
 namespace {
 
@@ -260,6 +260,10 @@ PyMethodDef methods[] = {
      "retention moves ((sidecar, target, payload, target) tuples). Paths and names are bytes\n"
      "(os.fsencode). Returns (sidecar inode,\n"
      "((move index, errno), ...)), NAME_TAKEN or NO_ANONYMOUS; raises OSError with .stage."},
+    {"sha256_hex", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(kasmina_sha256_hex)), METH_FASTCALL,
+     "sha256_hex(chunks, portable=False)\n"
+     "The SHA-256 of a tuple of buffers, as 64 hex digits (the CPU's SHA extensions where it has\n"
+     "them; portable=True: the portable rounds, for tests)."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -271,7 +275,8 @@ PyMODINIT_FUNC PyInit__fileio() {
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
   if (PyModule_AddIntConstant(m, "NAME_TAKEN", kNameTaken) != 0 ||
-      PyModule_AddIntConstant(m, "NO_ANONYMOUS", kNoAnonymous) != 0) {
+      PyModule_AddIntConstant(m, "NO_ANONYMOUS", kNoAnonymous) != 0 ||
+      PyModule_AddObject(m, "SHA_NI", PyBool_FromLong(kasmina_sha256_uses_sha_ni())) != 0) {
     Py_DECREF(m);
     return nullptr;
   }
