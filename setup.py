@@ -1,5 +1,5 @@
 """Builds the `kasmina._C` torch extension, and on Linux `kasmina._fileio` (the system
-calls of a durable checkpoint save, see csrc/fileio/durable_commit.c).
+calls and the SHA-256 of a durable checkpoint save, see csrc/fileio/).
 
 KASMINA_CUDA=0 builds the CPU kernels only, KASMINA_CUDA=1 adds the CUDA kernels and
 fails without nvcc, KASMINA_CUDA=auto (the default) adds them when torch has CUDA and

@@ -443,7 +443,7 @@ def build_sidecar(info: CheckpointInfo) -> bytes:
             _escape(info.kind),
             _escape(info.layer_id),
             "null" if state is None else int.__repr__(state),
-            "null" if state is None else _escape(STATE_NAMES[state]),
+            "null" if state is None else _escape(info.lifecycle_state_name),
             int.__repr__(info.number),
             _escape(info.payload_file),
             int.__repr__(info.payload_size),
