@@ -78,18 +78,21 @@ struct BlendBackwardArgs {
 };
 
 // Checks the operands of chunked_blend_backward (as prepare_blend_args, and grad like
-// base) and allocates grad_base / grad_blueprint; grad_alpha is the kernel's to allocate.
-inline BlendBackwardArgs prepare_blend_backward_args(const at::Tensor& grad, const at::Tensor& base,
-                                                     const at::Tensor& blueprint, const at::Tensor& alpha,
-                                                     int64_t num_chunks, bool need_base, bool need_blueprint,
-                                                     const char* op) {
+// base) and allocates grad_base / grad_blueprint with new_output(sizes, options), the
+// backend's allocation of an uninitialised output; grad_alpha is the kernel's to allocate.
+template <typename NewOutput>
+BlendBackwardArgs prepare_blend_backward_args(const at::Tensor& grad, const at::Tensor& base,
+                                              const at::Tensor& blueprint, const at::Tensor& alpha, int64_t num_chunks,
+                                              bool need_base, bool need_blueprint, const char* op,
+                                              const NewOutput& new_output) {
   BlendBackwardArgs b;
   b.args = prepare_blend_args(base, blueprint, alpha, num_chunks, op);
   check_same_as_base(base, grad, "grad", op);
   b.grad = grad.contiguous();
   // an output that is not needed is empty, and each its own tensor (outputs never alias)
-  b.grad_base = b.args.base.new_empty(need_base ? base.sizes() : at::IntArrayRef{0});
-  b.grad_blueprint = b.args.base.new_empty(need_blueprint ? base.sizes() : at::IntArrayRef{0});
+  const at::TensorOptions options = b.args.base.options();
+  b.grad_base = new_output(need_base ? base.sizes() : at::IntArrayRef{0}, options);
+  b.grad_blueprint = new_output(need_blueprint ? base.sizes() : at::IntArrayRef{0}, options);
   return b;
 }
 

@@ -37,6 +37,10 @@ TORCH_LIBRARY(kasmina, m) {
       "int num_chunks, bool need_base, bool need_blueprint, bool need_alpha) -> (Tensor, Tensor, Tensor)");
   // Bytes above which a CPU blend call streams its outputs past the cache (blend_cpu.cpp).
   m.def("blend_stream_min_bytes() -> int");
+  // The CPU blend outputs' memory cache (output_cache.h): bytes held, most held, free all.
+  m.def("cpu_output_cache_bytes() -> int");
+  m.def("cpu_output_cache_limit() -> int");
+  m.def("release_cpu_output_cache() -> ()");
   // Per-chunk mean of x and of x * x over a (rows, dim) float32 tensor (telemetry_cpu.cpp).
   m.def("chunk_moments(Tensor values, int num_chunks) -> Tensor");
   // One listing of a checkpoint folder (folder_scan.cpp, kasmina/checkpoint_index.py).

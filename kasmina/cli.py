@@ -226,6 +226,7 @@ def info() -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "spec_sha256": SPEC_SHA256,
         "blend_stream_min_bytes": torch.ops.kasmina.blend_stream_min_bytes() if HAS_EXTENSION else None,
+        "cpu_output_cache_limit": torch.ops.kasmina.cpu_output_cache_limit() if HAS_EXTENSION else None,
     }
 
 
@@ -242,6 +243,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if data["blend_stream_min_bytes"] is not None:
         print(f"blend streams: outputs of CPU calls moving over {data['blend_stream_min_bytes'] / 2**20:.0f} MiB "
               "(KASMINA_STREAM_MIN_BYTES)")
+    if data["cpu_output_cache_limit"] is not None:
+        print(f"blend outputs: freed CPU blocks of 1 MiB or more kept for reuse, up to "
+              f"{data['cpu_output_cache_limit'] / 2**20:.0f} MiB (KASMINA_CPU_OUTPUT_CACHE_BYTES)")
     return EXIT_OK
 
 

@@ -107,7 +107,9 @@ def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.
 
     On CPU, a call that moves more bytes than the last-level cache holds writes the output
     of its runs of 1 KB or more with non-temporal stores (past the cache);
-    ``KASMINA_STREAM_MIN_BYTES`` sets that size and ``kasmina info`` shows it.
+    ``KASMINA_STREAM_MIN_BYTES`` sets that size and ``kasmina info`` shows it. CPU outputs
+    of 1 MiB or more (of this call and of its backward) reuse the memory of earlier freed
+    ones; see :func:`cpu_output_cache_bytes`.
     """
     _reference.check_num_chunks_type(num_chunks)
     if not compiled_serves(base):
@@ -183,6 +185,28 @@ if HAS_EXTENSION:
             return out
 
         backward = staticmethod(_chunked_blend_backward)
+
+
+__all__ += ["cpu_output_cache_bytes", "release_cpu_output_cache"]
+
+
+def cpu_output_cache_bytes() -> int:
+    """Bytes of freed CPU :func:`chunked_blend` outputs (forward and backward) that kasmina
+    holds for reuse; 0 without the compiled extension.
+
+    Outputs of 1 MiB or more come from blocks earlier outputs were freed from: glibc
+    otherwise hands freed memory back to the kernel when a backward's two gradients are
+    freed together, and faulting their pages in again costs more than the blend itself.
+    The cache holds at most ``KASMINA_CPU_OUTPUT_CACHE_BYTES`` (default 256 MiB; 0 turns it
+    off), dropping its oldest blocks past that; ``kasmina info`` shows the limit.
+    """
+    return int(torch.ops.kasmina.cpu_output_cache_bytes()) if HAS_EXTENSION else 0
+
+
+def release_cpu_output_cache() -> None:
+    """Free every block of :func:`cpu_output_cache_bytes` (outputs still alive keep theirs)."""
+    if HAS_EXTENSION:
+        torch.ops.kasmina.release_cpu_output_cache()
 
 
 # ---- telemetry --------------------------------------------------------------------

@@ -164,6 +164,37 @@ def test_kernel_forward_is_bitwise_equal_to_reference(dtype) -> None:
     assert torch.equal(out, _reference.chunked_blend(base, bp, alpha, 13))
 
 
+@needs_extension
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize(
+    ("dim", "num_chunks", "zero_chunks"),
+    [
+        (1024, 256, tuple(range(0, 256, 2))),  # runs of 4 features: one masked loop per row
+        (1031, 9, (0, 3, 4, 8)),  # runs of 114-342 features (under 1 KB in float32 and float64): masked too
+        (4099, 4, (1, 3)),  # runs of 1 024-1 025 features: a call per run
+    ],
+    ids=("narrow", "mixed", "wide"),
+)
+def test_masked_rows_and_per_run_calls_equal_the_reference(dtype, dim, num_chunks, zero_chunks) -> None:
+    """Float32/float64 rows holding a run under 1 KB take one masked loop each, the others
+    a call per run; both give the reference's bits, and read no NaN of an alpha == 0 chunk."""
+    shape = (70, dim)  # several tasks
+    base, bp, alpha = make_inputs(shape, num_chunks, dtype, seed=dim, zero_chunks=zero_chunks)
+    bp = poison(bp, alpha, num_chunks)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(dim)).to(dtype)
+    assert torch.equal(torch.ops.kasmina.chunked_blend(base, bp, alpha, num_chunks),
+                       _reference.chunked_blend(base, bp, alpha, num_chunks))
+    want = _reference.chunked_blend_backward(grad, base, bp, alpha, num_chunks)
+    got = torch.ops.kasmina.chunked_blend_backward(grad, base, bp, alpha, num_chunks, True, True, True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.isfinite(got[2]).all() and (got[2][list(zero_chunks)] == 0).all()
+    torch.testing.assert_close(got[2], want[2], rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-3)
+    for needs in ((True, False, False), (False, True, False), (False, False, True)):
+        part = torch.ops.kasmina.chunked_blend_backward(grad, base, bp, alpha, num_chunks, *needs)
+        for need, value, full in zip(needs, part, got, strict=True):
+            assert torch.equal(value, full) if need else value.numel() == 0
+
+
 # Computes every case of the file argv[1] with the kernels and saves the results to argv[2];
 # run under KASMINA_STREAM_MIN_BYTES=0, which makes every call stream its outputs.
 _STREAMED_CHILD = """

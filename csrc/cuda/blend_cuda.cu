@@ -329,8 +329,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunked_blend_backward_cuda(
   constexpr const char* op = "chunked_blend_backward";
   check_cuda(base, op);
   const c10::cuda::CUDAGuard guard(base.device());
-  BlendBackwardArgs b =
-      prepare_blend_backward_args(grad, base, blueprint_out, alpha, num_chunks, need_base, need_blueprint, op);
+  BlendBackwardArgs b = prepare_blend_backward_args(
+      grad, base, blueprint_out, alpha, num_chunks, need_base, need_blueprint, op,
+      [](at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); });
   const BlendArgs& args = b.args;
   const at::Tensor& g = b.grad;
   at::Tensor& gb = b.grad_base;

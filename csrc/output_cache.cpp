@@ -1,0 +1,146 @@
+// The CPU blend kernels' output cache (see output_cache.h).
+#include "output_cache.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/alignment.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <vector>
+
+namespace kasmina {
+namespace {
+
+constexpr size_t kMinCachedBytes = size_t{1} << 20;  // smaller outputs take the default allocator
+constexpr size_t kPageBytes = 4096;
+constexpr size_t kHeaderBytes = c10::gAlignment;  // before the data: the block's size
+constexpr int64_t kDefaultLimit = int64_t{256} << 20;
+
+int64_t limit_from_environment() {
+  const char* env = std::getenv("KASMINA_CPU_OUTPUT_CACHE_BYTES");
+  if (env == nullptr || *env == '\0') return kDefaultLimit;
+  char* end = nullptr;
+  const long long value = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && value >= 0, "KASMINA_CPU_OUTPUT_CACHE_BYTES=", env,
+                    " is not a byte count; use a non-negative integer (0 turns the cache off) or leave it unset");
+  return static_cast<int64_t>(value);
+}
+
+// A block is kHeaderBytes of header (its total size) followed by the output's data.
+struct Block {
+  void* start;
+  size_t bytes;
+};
+
+class OutputCache final : public c10::Allocator {
+ public:
+  explicit OutputCache(int64_t limit) : limit_(static_cast<size_t>(limit)) {}
+
+  c10::DataPtr allocate(size_t nbytes) override {
+    if (nbytes < kMinCachedBytes) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
+    const size_t bytes = (nbytes + kHeaderBytes + kPageBytes - 1) / kPageBytes * kPageBytes;
+    void* start = take(bytes);
+    if (start == nullptr) {
+      start = c10::alloc_cpu(bytes);
+      *static_cast<size_t*>(start) = bytes;
+    }
+    return {static_cast<char*>(start) + kHeaderBytes, start, &OutputCache::give_back,
+            c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, size_t count) const override { std::memcpy(dest, src, count); }
+
+  int64_t held_bytes() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(held_bytes_);
+  }
+
+  int64_t limit() const { return static_cast<int64_t>(limit_); }
+
+  void release() {
+    std::deque<Block> blocks;
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(held_);
+      held_bytes_ = 0;
+    }
+    for (const Block& block : blocks) c10::free_cpu(block.start);
+  }
+
+ private:
+  // The most recently freed held block of `bytes` (its memory likeliest still cached), or null.
+  void* take(size_t bytes) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = held_.rbegin(); it != held_.rend(); ++it) {
+      if (it->bytes == bytes) {
+        void* start = it->start;
+        held_.erase(std::next(it).base());
+        held_bytes_ -= bytes;
+        return start;
+      }
+    }
+    return nullptr;
+  }
+
+  static void give_back(void* start);
+
+  std::mutex mutex_;
+  std::deque<Block> held_;  // oldest first
+  size_t held_bytes_ = 0;
+  const size_t limit_;
+};
+
+// Never destroyed: outputs may be freed after static destructors have run.
+OutputCache& output_cache() {
+  static OutputCache* cache = new OutputCache(limit_from_environment());
+  return *cache;
+}
+
+void OutputCache::give_back(void* start) {
+  OutputCache& cache = output_cache();
+  const size_t bytes = *static_cast<size_t*>(start);
+  std::vector<void*> to_free;
+  {
+    const std::lock_guard<std::mutex> lock(cache.mutex_);
+    if (bytes <= cache.limit_) {
+      cache.held_.push_back({start, bytes});
+      cache.held_bytes_ += bytes;
+    } else {
+      to_free.push_back(start);
+    }
+    while (cache.held_bytes_ > cache.limit_) {
+      to_free.push_back(cache.held_.front().start);
+      cache.held_bytes_ -= cache.held_.front().bytes;
+      cache.held_.pop_front();
+    }
+  }
+  for (void* block : to_free) c10::free_cpu(block);
+}
+
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::Tensor(at::detail::empty_generic(sizes, &output_cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                              options.dtype().toScalarType(), std::nullopt));
+}
+
+int64_t output_cache_bytes() { return output_cache().held_bytes(); }
+
+int64_t output_cache_limit() { return output_cache().limit(); }
+
+void release_output_cache() { output_cache().release(); }
+
+TORCH_LIBRARY_IMPL(kasmina, CompositeImplicitAutograd, m) {
+  m.impl("cpu_output_cache_bytes", &output_cache_bytes);
+  m.impl("cpu_output_cache_limit", &output_cache_limit);
+  m.impl("release_cpu_output_cache", &release_output_cache);
+}
+
+}  // namespace kasmina
