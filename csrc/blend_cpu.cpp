@@ -6,19 +6,19 @@
 // into maximal runs of features whose chunks are all active (alpha != 0) or all
 // inactive. An active run is one vectorisable loop however narrow its chunks are; an
 // inactive run is a copy (grad_base: of grad) or a zero fill and never reads
-// blueprint_out. Rows holding a run shorter than 1 KB are instead one loop each that
-// reads blueprint_out with masked loads (takes_masked_rows). Calls larger than the
+// blueprint_out. When the runs are shorter than 1 KB on average, each row is instead one
+// loop that reads blueprint_out with masked loads (takes_masked_rows). Calls larger than the
 // last-level cache write the outputs of runs of 1 KB or more with non-temporal stores
 // (streams_outputs, streams_run).
 //
 // Work is cut into tiles of about kTileElements elements (a block of rows times a block
 // of features; kSumTileElements when grad_alpha is summed, so that folding a tile's
 // column sums stays cheap next to the tile, and at most kSumTileColumnBytes of column
-// sums wide), and the tiles into tasks. Tiles and tasks
-// follow from the shape alone, never from the thread count. For grad_alpha each tile
-// sums its rows per feature in acc_t, then folds those column sums into its task's
-// per-chunk partial sums (float64); the tasks' partials are added in task order at the
-// end, so the result depends neither on thread scheduling nor on at::get_num_threads().
+// sums wide), and the tiles into tasks. Tiles and tasks follow from the shape alone,
+// never from the thread count. For grad_alpha each tile sums its rows per feature in
+// acc_t, then folds those column sums into its task's per-chunk partial sums (float64);
+// the tasks' partials are added in task order at the end, so the result depends neither
+// on thread scheduling nor on at::get_num_threads().
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -81,7 +81,6 @@ struct Layout {
   acc_t* weight;                 // alpha of each feature's chunk
   int64_t* begins;               // chunk s is [begins[s], begins[s + 1])
   std::vector<Run>& runs;
-  int64_t narrowest_run;         // features in the narrowest run
   int64_t tile_rows, tile_cols, row_tiles, col_tiles, num_tasks;
 
   Layout(const acc_t* alpha, int64_t rows_, int64_t dim_, int64_t num_chunks_, int64_t tile_elements,
@@ -99,8 +98,6 @@ struct Layout {
         runs.push_back({begins[s], begins[s + 1], active});
       }
     }
-    narrowest_run = dim;
-    for (const Run& run : runs) narrowest_run = std::min(narrowest_run, run.end - run.begin);
     // Whole rows keep every stream sequential; rows are split only when there are too
     // few of them to share out, or to keep a tile within max_tile_cols.
     tile_cols = std::min({dim, max_tile_cols, rows >= kWholeRowsMinRows ? dim : kMaxTileColumns});
@@ -324,20 +321,32 @@ KASMINA_RUN_LOOP void forward_run_masked(scalar_t* __restrict__ out, const scala
   }
 }
 
-// The dtypes whose conditional loads AVX2 can mask (4- and 8-byte elements).
+// The dtypes whose conditional loads AVX2 can mask (4- and 8-byte elements), and whether
+// this machine runs the AVX2 clones (elsewhere the masked loops are scalar).
 template <typename scalar_t>
 constexpr bool kMaskedLoads = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
+bool cpu_has_masked_loads() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+#else
+  return false;
+#endif
+}
+
 // Whether a call's rows take one forward_run_masked / backward_run_masked each instead of
-// a call per run: when they hold a run (active or inactive) shorter than kShortRunBytes.
+// a call per run: when its runs (active or inactive) are shorter than kShortRunBytes on
+// average.
 // Forward, 4096x1024 float32 with every other chunk at alpha == 0, in one process here:
 // 3.0 ms masked against 7.5 ms per run with chunks of 4 features (1.8 and 4.6 times a
 // clone of one input), 2.8-2.9 against 2.9-3.3 ms with 64, and 2.8 against 2.2 ms with
 // 512 (runs of 2 KB, whose blueprint_out lines per-run calls skip entirely).
 template <typename scalar_t, typename acc_t>
 bool takes_masked_rows(const Layout<acc_t>& layout) {
-  return kMaskedLoads<scalar_t> && layout.runs.size() > 1 &&
-         layout.narrowest_run * static_cast<int64_t>(sizeof(scalar_t)) < static_cast<int64_t>(kShortRunBytes);
+  return kMaskedLoads<scalar_t> && cpu_has_masked_loads() && layout.runs.size() > 1 &&
+         layout.dim * static_cast<int64_t>(sizeof(scalar_t)) <
+             static_cast<int64_t>(kShortRunBytes * layout.runs.size());
 }
 
 // forward_run through a stage buffer in L1, streamed out with non-temporal stores (see
@@ -365,9 +374,11 @@ void forward_kernel(const BlendArgs& a, at::Tensor& out) {
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t at = row * a.dim;
-      if (masked) {
-        forward_run_masked<scalar_t, acc_t>(o + at + c0, base + at + c0, bp + at + c0, weight + c0, c1 - c0);
-        continue;
+      if constexpr (kMaskedLoads<scalar_t>) {
+        if (masked) {
+          forward_run_masked<scalar_t, acc_t>(o + at + c0, base + at + c0, bp + at + c0, weight + c0, c1 - c0);
+          continue;
+        }
       }
       layout.for_each_run(c0, c1, [&](int64_t lo, int64_t hi, bool active) {
         const size_t bytes = static_cast<size_t>(hi - lo) * sizeof(scalar_t);
@@ -432,8 +443,8 @@ KASMINA_RUN_LOOP void backward_run_masked(const scalar_t* __restrict__ g, const 
     if constexpr (NA) {
       acc_t p = acc_t(0);
       if (active) p = static_cast<acc_t>(bp[i]);
-      const acc_t term = grad_alpha_term<acc_t>(gv, static_cast<acc_t>(base[i]), p);
-      colsum[i] += active ? term : acc_t(0);
+      // inactive features' sums are garbage (p is 0 there) and never folded into grad_alpha
+      colsum[i] += grad_alpha_term<acc_t>(gv, static_cast<acc_t>(base[i]), p);
     }
   }
 }
@@ -480,11 +491,13 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
     if constexpr (NA) std::fill(colsum, colsum + (c1 - c0), acc_t(0));
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t offset = row * a.dim;
-      if (masked) {
-        const int64_t at = offset + c0;
-        backward_run_masked<scalar_t, acc_t, NB, NP, NA>(g + at, base + at, bp + at, NB ? gb + at : nullptr,
-                                                         NP ? gp + at : nullptr, weight + c0, colsum, c1 - c0);
-        continue;
+      if constexpr (kMaskedLoads<scalar_t>) {
+        if (masked) {
+          const int64_t at = offset + c0;
+          backward_run_masked<scalar_t, acc_t, NB, NP, NA>(g + at, base + at, bp + at, NB ? gb + at : nullptr,
+                                                           NP ? gp + at : nullptr, weight + c0, colsum, c1 - c0);
+          continue;
+        }
       }
       layout.for_each_run(c0, c1, [&](int64_t lo, int64_t hi, bool active) {
         const int64_t at = offset + lo;

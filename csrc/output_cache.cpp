@@ -9,16 +9,16 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <cerrno>
 #include <cstdlib>
-#include <cstring>
-#include <deque>
+#include <list>
+#include <new>
 #include <mutex>
-#include <vector>
 
 namespace kasmina {
 namespace {
 
-constexpr size_t kMinCachedBytes = size_t{1} << 20;  // smaller outputs take the default allocator
+constexpr size_t kMinCachedBytes = size_t{1} << 20;  // smaller outputs take torch's CPU allocator
 constexpr size_t kPageBytes = 4096;
 constexpr size_t kHeaderBytes = c10::gAlignment;  // before the data: the block's size
 constexpr int64_t kDefaultLimit = int64_t{256} << 20;
@@ -27,35 +27,46 @@ int64_t limit_from_environment() {
   const char* env = std::getenv("KASMINA_CPU_OUTPUT_CACHE_BYTES");
   if (env == nullptr || *env == '\0') return kDefaultLimit;
   char* end = nullptr;
+  errno = 0;
   const long long value = std::strtoll(env, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && value >= 0, "KASMINA_CPU_OUTPUT_CACHE_BYTES=", env,
+  TORCH_CHECK_VALUE(*end == '\0' && errno == 0 && value >= 0 && env[0] >= '0' && env[0] <= '9',
+                    "KASMINA_CPU_OUTPUT_CACHE_BYTES=", env,
                     " is not a byte count; use a non-negative integer (0 turns the cache off) or leave it unset");
   return static_cast<int64_t>(value);
 }
 
-// A block is kHeaderBytes of header (its total size) followed by the output's data.
+// A block is kHeaderBytes of header (its total size) followed by the output's data; an
+// output's DataPtr holds the data as its context too (a simple data pointer, as
+// copy-on-write clones need).
 struct Block {
   void* start;
   size_t bytes;
 };
+
+void* block_start(void* data) { return static_cast<char*>(data) - kHeaderBytes; }
 
 class OutputCache final : public c10::Allocator {
  public:
   explicit OutputCache(int64_t limit) : limit_(static_cast<size_t>(limit)) {}
 
   c10::DataPtr allocate(size_t nbytes) override {
-    if (nbytes < kMinCachedBytes) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
+    if (nbytes < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(nbytes);
     const size_t bytes = (nbytes + kHeaderBytes + kPageBytes - 1) / kPageBytes * kPageBytes;
     void* start = take(bytes);
     if (start == nullptr) {
-      start = c10::alloc_cpu(bytes);
+      try {
+        start = c10::alloc_cpu(bytes);
+      } catch (const c10::OutOfMemoryError&) {
+        release();  // what the cache holds is the first memory to give up
+        start = c10::alloc_cpu(bytes);
+      }
       *static_cast<size_t*>(start) = bytes;
     }
-    return {static_cast<char*>(start) + kHeaderBytes, start, &OutputCache::give_back,
-            c10::Device(c10::DeviceType::CPU)};
+    void* data = static_cast<char*>(start) + kHeaderBytes;
+    return {data, data, &OutputCache::give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
-  void copy_data(void* dest, const void* src, size_t count) const override { std::memcpy(dest, src, count); }
+  void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
 
   int64_t held_bytes() {
     const std::lock_guard<std::mutex> lock(mutex_);
@@ -65,7 +76,7 @@ class OutputCache final : public c10::Allocator {
   int64_t limit() const { return static_cast<int64_t>(limit_); }
 
   void release() {
-    std::deque<Block> blocks;
+    std::list<Block> blocks;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       blocks.swap(held_);
@@ -89,10 +100,10 @@ class OutputCache final : public c10::Allocator {
     return nullptr;
   }
 
-  static void give_back(void* start);
+  static void give_back(void* data);
 
   std::mutex mutex_;
-  std::deque<Block> held_;  // oldest first
+  std::list<Block> held_;  // oldest first
   size_t held_bytes_ = 0;
   const size_t limit_;
 };
@@ -103,25 +114,27 @@ OutputCache& output_cache() {
   return *cache;
 }
 
-void OutputCache::give_back(void* start) {
+void OutputCache::give_back(void* data) {
   OutputCache& cache = output_cache();
+  void* start = block_start(data);
   const size_t bytes = *static_cast<size_t*>(start);
-  std::vector<void*> to_free;
-  {
+  std::list<Block> dropped;
+  try {
     const std::lock_guard<std::mutex> lock(cache.mutex_);
-    if (bytes <= cache.limit_) {
+    if (bytes > cache.limit_) {
+      dropped.push_back({start, bytes});
+    } else {
       cache.held_.push_back({start, bytes});
       cache.held_bytes_ += bytes;
-    } else {
-      to_free.push_back(start);
     }
-    while (cache.held_bytes_ > cache.limit_) {
-      to_free.push_back(cache.held_.front().start);
+    while (cache.held_bytes_ > cache.limit_) {  // oldest first
       cache.held_bytes_ -= cache.held_.front().bytes;
-      cache.held_.pop_front();
+      dropped.splice(dropped.end(), cache.held_, cache.held_.begin());
     }
+  } catch (const std::bad_alloc&) {  // a deleter must not throw: free the block instead of keeping it
+    c10::free_cpu(start);
   }
-  for (void* block : to_free) c10::free_cpu(block);
+  for (const Block& block : dropped) c10::free_cpu(block.start);
 }
 
 }  // namespace

@@ -5,13 +5,15 @@
 // recently unmapped. The backward returns grad_base and grad_blueprint_out of one size;
 // freeing both (zero_grad(set_to_none=True), or the next iteration of a loop) can trim
 // the heap, and the next call then faults in every page of its outputs again: here
-// 6-7 ms instead of 0.3-0.7 ms for a 64x16384 float32 backward, about 2 µs per 4 KB
+// 6-7 ms instead of 0.3-0.8 ms for a 64x16384 float32 backward, about 2 µs per 4 KB
 // page. Which calls fall into this depends on the process's allocation history.
 //
 // So outputs of kMinCachedBytes or more come from a cache of the blocks earlier outputs
 // were freed from, reused for an output needing the same number of pages. It holds at
 // most KASMINA_CPU_OUTPUT_CACHE_BYTES (default 256 MiB; 0 turns it off), freeing its
-// oldest blocks past that, and release_output_cache() frees all it holds.
+// oldest blocks past that; release_output_cache() frees all it holds, as does an
+// allocation that finds no memory. Cached blocks bypass torch's CPU allocator, so the
+// memory profiler does not see them.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -243,9 +243,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if data["blend_stream_min_bytes"] is not None:
         print(f"blend streams: outputs of CPU calls moving over {data['blend_stream_min_bytes'] / 2**20:.0f} MiB "
               "(KASMINA_STREAM_MIN_BYTES)")
-    if data["cpu_output_cache_limit"] is not None:
-        print(f"blend outputs: freed CPU blocks of 1 MiB or more kept for reuse, up to "
-              f"{data['cpu_output_cache_limit'] / 2**20:.0f} MiB (KASMINA_CPU_OUTPUT_CACHE_BYTES)")
+    limit = data["cpu_output_cache_limit"]
+    if limit is not None:
+        kept = f"up to {limit / 2**20:.0f} MiB" if limit else "off"
+        print(f"blend outputs: freed CPU blocks of 1 MiB or more kept for reuse: {kept} (KASMINA_CPU_OUTPUT_CACHE_BYTES)")
     return EXIT_OK
 
 

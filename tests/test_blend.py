@@ -164,35 +164,46 @@ def test_kernel_forward_is_bitwise_equal_to_reference(dtype) -> None:
     assert torch.equal(out, _reference.chunked_blend(base, bp, alpha, 13))
 
 
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.int64 if tensor.dtype == torch.float64 else torch.int32)
+
+
 @needs_extension
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize(
-    ("dim", "num_chunks", "zero_chunks"),
+    ("rows", "dim", "num_chunks", "zero_chunks"),
     [
-        (1024, 256, tuple(range(0, 256, 2))),  # runs of 4 features: one masked loop per row
-        (1031, 9, (0, 3, 4, 8)),  # runs of 114-342 features (under 1 KB in float32 and float64): masked too
-        (4099, 4, (1, 3)),  # runs of 1 024-1 025 features: a call per run
+        (70, 1024, 256, tuple(range(0, 256, 2))),  # runs of 4 features: one masked loop per row
+        (8, 9000, 2250, tuple(range(1, 2250, 2))),  # few rows: masked rows cut into 8192-feature tiles
+        (70, 5000, 1250, tuple(range(0, 1250, 2))),  # grad_alpha's tiles cut columns (4096 / 2048)
+        (70, 1031, 9, (0, 3, 4, 8)),  # 5 runs of 206 features on average: masked in float32 only
+        (70, 4099, 4, (1, 3)),  # runs of 1 024-1 025 features: a call per run
     ],
-    ids=("narrow", "mixed", "wide"),
+    ids=("narrow", "few-rows", "column-tiles", "mixed", "wide"),
 )
-def test_masked_rows_and_per_run_calls_equal_the_reference(dtype, dim, num_chunks, zero_chunks) -> None:
-    """Float32/float64 rows holding a run under 1 KB take one masked loop each, the others
-    a call per run; both give the reference's bits, and read no NaN of an alpha == 0 chunk."""
-    shape = (70, dim)  # several tasks
+def test_masked_rows_and_per_run_calls_equal_the_reference(dtype, rows, dim, num_chunks, zero_chunks) -> None:
+    """Float32/float64 calls whose runs are under 1 KB on average take one masked loop per
+    row, the others a call per run; both give the reference's bits (-0.0 and inf of base
+    and grad too), and read no NaN of an alpha == 0 chunk."""
+    shape = (rows, dim)
     base, bp, alpha = make_inputs(shape, num_chunks, dtype, seed=dim, zero_chunks=zero_chunks)
-    bp = poison(bp, alpha, num_chunks)
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(dim)).to(dtype)
-    assert torch.equal(torch.ops.kasmina.chunked_blend(base, bp, alpha, num_chunks),
-                       _reference.chunked_blend(base, bp, alpha, num_chunks))
+    bp = poison(bp, alpha, num_chunks)
+    off = torch.isnan(bp)  # the alpha == 0 features
+    for tensor, values in ((base, (-0.0, math.inf)), (grad, (-2.0, -math.inf))):
+        tensor[0::2][off[0::2]] = values[0]
+        tensor[1::2][off[1::2]] = values[1]
+    out = torch.ops.kasmina.chunked_blend(base, bp, alpha, num_chunks)
+    assert torch.equal(bits(out), bits(_reference.chunked_blend(base, bp, alpha, num_chunks)))
     want = _reference.chunked_blend_backward(grad, base, bp, alpha, num_chunks)
     got = torch.ops.kasmina.chunked_blend_backward(grad, base, bp, alpha, num_chunks, True, True, True)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(bits(got[0]), bits(want[0])) and torch.equal(bits(got[1]), bits(want[1]))
     assert torch.isfinite(got[2]).all() and (got[2][list(zero_chunks)] == 0).all()
     torch.testing.assert_close(got[2], want[2], rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-3)
     for needs in ((True, False, False), (False, True, False), (False, False, True)):
         part = torch.ops.kasmina.chunked_blend_backward(grad, base, bp, alpha, num_chunks, *needs)
         for need, value, full in zip(needs, part, got, strict=True):
-            assert torch.equal(value, full) if need else value.numel() == 0
+            assert torch.equal(bits(value), bits(full)) if need else value.numel() == 0
 
 
 # Computes every case of the file argv[1] with the kernels and saves the results to argv[2];
