@@ -27,7 +27,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -46,6 +45,7 @@
 #include "blend_args.h"
 #include "blend_step.h"
 #include "cpu_loop.h"
+#include "env_bytes.h"
 #include "output_cache.h"
 #include "scratch.h"
 
@@ -210,23 +210,16 @@ int64_t last_level_cache_bytes() {
 // pass's traffic) but send the output to memory: worth it only when the operands do not
 // fit in the last-level cache anyway. KASMINA_STREAM_MIN_BYTES overrides the cache size.
 int64_t stream_min_bytes() {
-  static const int64_t bytes = [] {
-    const char* env = std::getenv("KASMINA_STREAM_MIN_BYTES");
-    if (env == nullptr || *env == '\0') return last_level_cache_bytes();
-    char* end = nullptr;
-    const long long value = std::strtoll(env, &end, 10);
-    TORCH_CHECK_VALUE(*end == '\0' && value >= 0, "KASMINA_STREAM_MIN_BYTES=", env,
-                      " is not a byte count; use a non-negative integer or leave it unset");
-    return static_cast<int64_t>(value);
-  }();
+  static const int64_t bytes = env_byte_count("KASMINA_STREAM_MIN_BYTES", last_level_cache_bytes());
   return bytes;
 }
 
 // Runs narrower than this keep cached stores even in a call that streams: non-temporal
 // stores in short pieces between cached loads were slower here (4096x1024 with every other
 // chunk at alpha == 0, runs of 256 bytes: 0.55-0.72 of the memory-traffic bound streamed,
-// 0.61-0.84 cached, medians 0.59 and 0.72 over 8 and 12 runs). Rows holding such a run
-// are computed in one masked loop each (takes_masked_rows), also with cached stores.
+// 0.61-0.84 cached, medians 0.59 and 0.72 over 8 and 12 runs). When the runs are this
+// short on average, rows are one masked loop each (takes_masked_rows), also with cached
+// stores.
 constexpr size_t kShortRunBytes = 1024;
 
 bool streams_run(bool stream, size_t bytes) { return stream && bytes >= kShortRunBytes; }

@@ -9,11 +9,11 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <cerrno>
-#include <cstdlib>
 #include <list>
-#include <new>
 #include <mutex>
+#include <new>
+
+#include "env_bytes.h"
 
 namespace kasmina {
 namespace {
@@ -22,18 +22,6 @@ constexpr size_t kMinCachedBytes = size_t{1} << 20;  // smaller outputs take tor
 constexpr size_t kPageBytes = 4096;
 constexpr size_t kHeaderBytes = c10::gAlignment;  // before the data: the block's size
 constexpr int64_t kDefaultLimit = int64_t{256} << 20;
-
-int64_t limit_from_environment() {
-  const char* env = std::getenv("KASMINA_CPU_OUTPUT_CACHE_BYTES");
-  if (env == nullptr || *env == '\0') return kDefaultLimit;
-  char* end = nullptr;
-  errno = 0;
-  const long long value = std::strtoll(env, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && errno == 0 && value >= 0 && env[0] >= '0' && env[0] <= '9',
-                    "KASMINA_CPU_OUTPUT_CACHE_BYTES=", env,
-                    " is not a byte count; use a non-negative integer (0 turns the cache off) or leave it unset");
-  return static_cast<int64_t>(value);
-}
 
 // A block is kHeaderBytes of header (its total size) followed by the output's data; an
 // output's DataPtr holds the data as its context too (a simple data pointer, as
@@ -110,7 +98,8 @@ class OutputCache final : public c10::Allocator {
 
 // Never destroyed: outputs may be freed after static destructors have run.
 OutputCache& output_cache() {
-  static OutputCache* cache = new OutputCache(limit_from_environment());
+  static OutputCache* cache =
+      new OutputCache(env_byte_count("KASMINA_CPU_OUTPUT_CACHE_BYTES", kDefaultLimit, " (0 turns the cache off)"));
   return *cache;
 }
 
