@@ -4,12 +4,12 @@
 //
 // Alpha is expanded once per call into a per-feature weight, and the last dimension
 // into maximal runs of features whose chunks are all active (alpha != 0) or all
-// inactive. An active run is one vectorisable loop however narrow its chunks are; an
-// inactive run is a copy (grad_base: of grad) or a zero fill and never reads
-// blueprint_out. When the runs are shorter than 1 KB on average, each row is instead one
-// loop that reads blueprint_out with masked loads (takes_masked_rows). Calls larger than the
-// last-level cache write the outputs of runs of 1 KB or more with non-temporal stores
-// (streams_outputs, streams_run).
+// inactive. float32 and float64 on machines with AVX2 take one row loop per row of a tile
+// (blend_avx2.h), which never reads blueprint_out in an inactive chunk. Elsewhere an active
+// run is one vectorisable loop however narrow its chunks are, and an inactive run is a copy
+// (grad_base: of grad) or a zero fill. Calls larger than the last-level cache write their
+// outputs with non-temporal stores (streams_outputs; outside the row loops only in runs of
+// 1 KB or more, streams_run).
 //
 // Work is cut into tiles of about kTileElements elements (a block of rows times a block
 // of features; kSumTileElements when grad_alpha is summed, so that folding a tile's
@@ -43,9 +43,10 @@
 #endif
 
 #include "blend_args.h"
+#include "blend_avx2.h"
 #include "blend_step.h"
 #include "cpu_loop.h"
-#include "env_bytes.h"
+#include "env_settings.h"
 #include "output_cache.h"
 #include "scratch.h"
 
@@ -217,9 +218,8 @@ int64_t stream_min_bytes() {
 // Runs narrower than this keep cached stores even in a call that streams: non-temporal
 // stores in short pieces between cached loads were slower here (4096x1024 with every other
 // chunk at alpha == 0, runs of 256 bytes: 0.55-0.72 of the memory-traffic bound streamed,
-// 0.61-0.84 cached, medians 0.59 and 0.72 over 8 and 12 runs). When the runs are this
-// short on average, rows are one masked loop each (takes_masked_rows), also with cached
-// stores.
+// 0.61-0.84 cached, medians 0.59 and 0.72 over 8 and 12 runs; measured before the AVX2 row
+// loops, which now take float32 and float64 on such machines).
 constexpr size_t kShortRunBytes = 1024;
 
 bool streams_run(bool stream, size_t bytes) { return stream && bytes >= kShortRunBytes; }
@@ -297,49 +297,26 @@ KASMINA_RUN_LOOP void forward_run(scalar_t* __restrict__ out, const scalar_t* __
   }
 }
 
-// forward_run over the features of active and inactive chunks alike, for rows cut into
-// runs too narrow to take one call each: blueprint_out is read only where the feature's
-// weight is non-zero (AVX2 masked loads), and an inactive feature's output is its base.
-template <typename scalar_t, typename acc_t>
-KASMINA_RUN_LOOP void forward_run_masked(scalar_t* __restrict__ out, const scalar_t* __restrict__ base,
-                                         const scalar_t* __restrict__ bp, const acc_t* __restrict__ weight,
-                                         int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t w = weight[i];
-    const acc_t b = static_cast<acc_t>(base[i]);
-    acc_t p = acc_t(0);
-    if (chunk_active(w)) p = static_cast<acc_t>(bp[i]);
-    const acc_t v = blend_value<acc_t>(b, p, w);
-    out[i] = static_cast<scalar_t>(chunk_active(w) ? v : b);
-  }
-}
-
-// The dtypes whose conditional loads AVX2 can mask (4- and 8-byte elements), and whether
-// this machine runs the AVX2 clones (elsewhere the masked loops are scalar).
+// The dtypes the AVX2 row loops take (blend_avx2.h), and whether this machine runs them.
 template <typename scalar_t>
-constexpr bool kMaskedLoads = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+constexpr bool kVectorRows = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
-bool cpu_has_masked_loads() {
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+// KASMINA_CPU_AVX2_ROWS=0 turns them off, so that the portable loops can be compared with
+// them on one machine.
+bool uses_avx2_rows() {
+#if defined(KASMINA_HAS_AVX2_ROWS)
+  static const bool uses = env_switch("KASMINA_CPU_AVX2_ROWS", true) && __builtin_cpu_supports("avx2");
+  return uses;
 #else
   return false;
 #endif
 }
 
-// Whether a call's rows take one forward_run_masked / backward_run_masked each instead of
-// a call per run: when its runs (active or inactive) are shorter than kShortRunBytes on
-// average.
-// Forward, 4096x1024 float32 with every other chunk at alpha == 0, in one process here:
-// 3.0 ms masked against 7.5 ms per run with chunks of 4 features (1.8 and 4.6 times a
-// clone of one input), 2.8-2.9 against 2.9-3.3 ms with 64, and 2.8 against 2.2 ms with
-// 512 (runs of 2 KB, whose blueprint_out lines per-run calls skip entirely).
-template <typename scalar_t, typename acc_t>
-bool takes_masked_rows(const Layout<acc_t>& layout) {
-  return kMaskedLoads<scalar_t> && cpu_has_masked_loads() && layout.runs.size() > 1 &&
-         layout.dim * static_cast<int64_t>(sizeof(scalar_t)) <
-             static_cast<int64_t>(kShortRunBytes * layout.runs.size());
+// Whether a layout's rows have active and inactive chunks, and so take keep_stream hints
+// (blend_avx2.h) on the blocks of blueprint_out they skip.
+template <typename acc_t>
+bool hints_skipped_lines(const Layout<acc_t>& layout) {
+  return layout.runs.size() > 1;
 }
 
 // forward_run through a stage buffer in L1, streamed out with non-temporal stores (see
@@ -355,6 +332,25 @@ KASMINA_NOINLINE void forward_run_streamed(scalar_t* out, const scalar_t* base, 
   }
 }
 
+#if defined(KASMINA_HAS_AVX2_ROWS)
+template <typename T>
+void forward_rows_avx2(const BlendArgs& a, const Layout<T>& layout, T* o, bool stream) {
+  const T* base = a.base.data_ptr<T>();
+  const T* bp = a.blueprint.data_ptr<T>();
+  const bool all_active = layout.runs.size() == 1 && layout.runs[0].active;
+  const bool hint = hints_skipped_lines(layout);
+  const auto row_loop = stream ? (all_active ? &avx2::forward_row<T, true, true> : &avx2::forward_row<T, true, false>)
+                               : (all_active ? &avx2::forward_row<T, false, true> : &avx2::forward_row<T, false, false>);
+  layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t at = row * a.dim + c0;
+      row_loop(o + at, base + at, bp + at, layout.weight + c0, c1 - c0, hint);
+    }
+    if (stream) stream_fence();
+  });
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const BlendArgs& a, at::Tensor& out) {
   const scalar_t* base = a.base.data_ptr<scalar_t>();
@@ -363,16 +359,14 @@ void forward_kernel(const BlendArgs& a, at::Tensor& out) {
   const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, a.num_chunks, kTileElements);
   const acc_t* weight = layout.weight;
   const bool stream = streams_outputs(3 * a.rows * a.dim * static_cast<int64_t>(sizeof(scalar_t)));
-  const bool masked = takes_masked_rows<scalar_t>(layout);
+#if defined(KASMINA_HAS_AVX2_ROWS)
+  if constexpr (kVectorRows<scalar_t>) {
+    if (uses_avx2_rows()) return forward_rows_avx2<scalar_t>(a, layout, o, stream);
+  }
+#endif
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t at = row * a.dim;
-      if constexpr (kMaskedLoads<scalar_t>) {
-        if (masked) {
-          forward_run_masked<scalar_t, acc_t>(o + at + c0, base + at + c0, bp + at + c0, weight + c0, c1 - c0);
-          continue;
-        }
-      }
       layout.for_each_run(c0, c1, [&](int64_t lo, int64_t hi, bool active) {
         const size_t bytes = static_cast<size_t>(hi - lo) * sizeof(scalar_t);
         if (!active) {
@@ -419,29 +413,6 @@ KASMINA_RUN_LOOP void backward_run(const scalar_t* __restrict__ g, const scalar_
   }
 }
 
-// backward_run over the features of active and inactive chunks alike (see
-// forward_run_masked): an inactive feature gets grad_base = g, grad_blueprint_out = 0 and
-// no grad_alpha term, and its blueprint_out is not read.
-template <typename scalar_t, typename acc_t, bool NB, bool NP, bool NA>
-KASMINA_RUN_LOOP void backward_run_masked(const scalar_t* __restrict__ g, const scalar_t* __restrict__ base,
-                                          const scalar_t* __restrict__ bp, scalar_t* __restrict__ gb,
-                                          scalar_t* __restrict__ gp, const acc_t* __restrict__ weight,
-                                          acc_t* __restrict__ colsum, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t gv = static_cast<acc_t>(g[i]);
-    const acc_t w = weight[i];
-    const bool active = chunk_active(w);
-    if constexpr (NB) gb[i] = static_cast<scalar_t>(active ? grad_base_value<acc_t>(gv, w) : gv);
-    if constexpr (NP) gp[i] = static_cast<scalar_t>(active ? grad_blueprint_value<acc_t>(gv, w) : acc_t(0));
-    if constexpr (NA) {
-      acc_t p = acc_t(0);
-      if (active) p = static_cast<acc_t>(bp[i]);
-      // inactive features' sums are garbage (p is 0 there) and never folded into grad_alpha
-      colsum[i] += grad_alpha_term<acc_t>(gv, static_cast<acc_t>(base[i]), p);
-    }
-  }
-}
-
 // backward_run with grad_base and grad_blueprint_out written through stage buffers in L1
 // and streamed out with non-temporal stores (see streams_outputs).
 template <typename scalar_t, typename acc_t, bool NB, bool NP, bool NA>
@@ -457,6 +428,35 @@ KASMINA_NOINLINE void backward_run_streamed(const scalar_t* g, const scalar_t* b
     if constexpr (NB) copy_bytes(gb + i, stage_b, bytes, true);
     if constexpr (NP) copy_bytes(gp + i, stage_p, bytes, true);
   }
+}
+
+// The AVX2 row loop of a backward call (blend_avx2.h), or nullptr where the machine or
+// the dtype has none (then the kernel walks the runs).
+template <typename scalar_t, typename acc_t, bool NB, bool NP, bool NA>
+auto backward_row_loop(const Layout<acc_t>& layout, bool stream, const scalar_t* gb, const scalar_t* gp) {
+  using Row = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, const acc_t*, acc_t*,
+                       int64_t, bool);
+  Row row = nullptr;
+#if defined(KASMINA_HAS_AVX2_ROWS)
+  if constexpr (kVectorRows<scalar_t>) {
+    if (uses_avx2_rows()) {
+      // both outputs are streamed a line at a time in step: they must share their alignment,
+      // and not alias in their page offsets (output_cache.h)
+      const bool streams = stream && (!NB || !NP || (reinterpret_cast<uintptr_t>(gb) % 64 ==
+                                                         reinterpret_cast<uintptr_t>(gp) % 64 &&
+                                                     apart_in_page(gb, gp)));
+      const bool all_active = layout.runs.size() == 1 && layout.runs[0].active;
+      using avx2::backward_row;
+      row = streams ? (all_active ? &backward_row<scalar_t, NB, NP, NA, true, true>
+                                  : &backward_row<scalar_t, NB, NP, NA, true, false>)
+                    : (all_active ? &backward_row<scalar_t, NB, NP, NA, false, true>
+                                  : &backward_row<scalar_t, NB, NP, NA, false, false>);
+    }
+  }
+#else
+  (void)layout, (void)stream, (void)gb, (void)gp;
+#endif
+  return row;
 }
 
 template <typename scalar_t, typename acc_t, bool NB, bool NP, bool NA>
@@ -476,7 +476,7 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
   if constexpr (NA) std::fill(partials, partials + layout.num_tasks * S, 0.0);
   const int64_t streams = 3 + (NB ? 1 : 0) + (NP ? 1 : 0);
   const bool stream = streams_outputs(streams * a.rows * a.dim * static_cast<int64_t>(sizeof(scalar_t)));
-  const bool masked = takes_masked_rows<scalar_t>(layout);
+  const auto row_loop = backward_row_loop<scalar_t, acc_t, NB, NP, NA>(layout, stream, gb, gp);
 
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t task) {
     // per-feature sums of the current tile, in the running thread's own scratch
@@ -484,13 +484,11 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
     if constexpr (NA) std::fill(colsum, colsum + (c1 - c0), acc_t(0));
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t offset = row * a.dim;
-      if constexpr (kMaskedLoads<scalar_t>) {
-        if (masked) {
-          const int64_t at = offset + c0;
-          backward_run_masked<scalar_t, acc_t, NB, NP, NA>(g + at, base + at, bp + at, NB ? gb + at : nullptr,
-                                                           NP ? gp + at : nullptr, weight + c0, colsum, c1 - c0);
-          continue;
-        }
+      if (row_loop) {
+        const int64_t at = offset + c0;
+        row_loop(g + at, base + at, bp + at, NB ? gb + at : nullptr, NP ? gp + at : nullptr, weight + c0, colsum,
+                 c1 - c0, hints_skipped_lines(layout));
+        continue;
       }
       layout.for_each_run(c0, c1, [&](int64_t lo, int64_t hi, bool active) {
         const int64_t at = offset + lo;
@@ -592,6 +590,7 @@ TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
 
 TORCH_LIBRARY_IMPL(kasmina, CompositeImplicitAutograd, m) {
   m.impl("blend_stream_min_bytes", &stream_min_bytes);
+  m.impl("blend_avx2_rows", &uses_avx2_rows);
 }
 
 }  // namespace blend

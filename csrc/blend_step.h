@@ -7,8 +7,8 @@
 // chunks are q + 1 wide, the others q (DESIGN §4). 1 <= num_chunks <= dim.
 //
 // Formulas, per element of chunk s with a = alpha[s], computed in acc_t (float for
-// float32/float16/bfloat16 inputs, double for float64), each operation rounded on its
-// own (no fused multiply-add), so CPU and CUDA give the same bits:
+// float32/float16/bfloat16 inputs, double for float64; on CPU also vectors of those), each
+// operation rounded on its own (no fused multiply-add), so CPU and CUDA give the same bits:
 //   out          = base + a * (blueprint_out - base)        (a != 0)
 //   out          = base                                      (a == 0: blueprint_out unread)
 //   grad_base    = g * (1 - a)
@@ -90,6 +90,27 @@ KASMINA_HD double mul_rn(double a, double b) {
 #endif
 }
 
+// The same operations on the CPU kernels' GCC vector types (blend_avx2.h): plain operators,
+// which round each operation on its own (the CPU build targets no FMA).
+template <typename V>
+inline V add_rn(V a, V b) {
+  return a + b;
+}
+template <typename V>
+inline V sub_rn(V a, V b) {
+  return a - b;
+}
+template <typename V>
+inline V mul_rn(V a, V b) {
+  return a * b;
+}
+
+// 1 in acc_t: a scalar, or every lane of a vector type (which has no conversion from int).
+template <typename acc_t>
+KASMINA_HD acc_t one() {
+  return acc_t{} + 1;
+}
+
 // Output of one element of an active chunk.
 template <typename acc_t>
 KASMINA_HD acc_t blend_value(acc_t base, acc_t blueprint, acc_t alpha) {
@@ -99,7 +120,7 @@ KASMINA_HD acc_t blend_value(acc_t base, acc_t blueprint, acc_t alpha) {
 // d out / d base, times the incoming gradient (any chunk).
 template <typename acc_t>
 KASMINA_HD acc_t grad_base_value(acc_t grad, acc_t alpha) {
-  return mul_rn(grad, sub_rn(acc_t(1), alpha));
+  return mul_rn(grad, sub_rn(one<acc_t>(), alpha));
 }
 
 // d out / d blueprint_out, times the incoming gradient (active chunks; inactive ones get 0).

@@ -37,6 +37,8 @@ TORCH_LIBRARY(kasmina, m) {
       "int num_chunks, bool need_base, bool need_blueprint, bool need_alpha) -> (Tensor, Tensor, Tensor)");
   // Bytes above which a CPU blend call streams its outputs past the cache (blend_cpu.cpp).
   m.def("blend_stream_min_bytes() -> int");
+  // Whether CPU float32/float64 blend calls take the AVX2 row loops (blend_avx2.h).
+  m.def("blend_avx2_rows() -> bool");
   // The CPU blend outputs' memory cache (output_cache.h): bytes held, most held, free all.
   m.def("cpu_output_cache_bytes() -> int");
   m.def("cpu_output_cache_limit() -> int");

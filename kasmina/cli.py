@@ -227,6 +227,7 @@ def info() -> dict[str, Any]:
         "spec_sha256": SPEC_SHA256,
         "blend_stream_min_bytes": torch.ops.kasmina.blend_stream_min_bytes() if HAS_EXTENSION else None,
         "cpu_output_cache_limit": torch.ops.kasmina.cpu_output_cache_limit() if HAS_EXTENSION else None,
+        "blend_avx2_rows": torch.ops.kasmina.blend_avx2_rows() if HAS_EXTENSION else None,
     }
 
 
@@ -247,6 +248,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if limit is not None:
         kept = f"up to {limit / 2**20:.0f} MiB" if limit else "off"
         print(f"blend outputs: freed CPU blocks of 1 MiB or more kept for reuse: {kept} (KASMINA_CPU_OUTPUT_CACHE_BYTES)")
+    if data["blend_avx2_rows"] is not None:
+        loops = "AVX2 row loops" if data["blend_avx2_rows"] else "portable loops"
+        print(f"blend loops:   float32/float64 on CPU take the {loops} (KASMINA_CPU_AVX2_ROWS)")
     return EXIT_OK
 
 

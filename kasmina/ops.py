@@ -105,11 +105,12 @@ def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.
     ``torch.compile(fullgraph=True)``. Raises ValueError/TypeError for mismatched shapes,
     devices or dtypes, a wrong alpha length, or ``num_chunks`` outside ``[1, D]``.
 
-    On CPU, a call that moves more bytes than the last-level cache holds writes the output
-    of its runs of 1 KB or more with non-temporal stores (past the cache);
-    ``KASMINA_STREAM_MIN_BYTES`` sets that size and ``kasmina info`` shows it. CPU outputs
-    of 1 MiB or more (of this call and of its backward) reuse the memory of earlier freed
-    ones; see :func:`cpu_output_cache_bytes`.
+    On CPU, float32 and float64 calls take AVX2 row loops where the machine has AVX2
+    (``KASMINA_CPU_AVX2_ROWS=0`` turns them off). A call that moves more bytes than the
+    last-level cache holds writes its outputs with non-temporal stores (past the cache);
+    ``KASMINA_STREAM_MIN_BYTES`` sets that size and ``kasmina info`` shows both settings. CPU
+    outputs of 1 MiB or more (of this call and of its backward) reuse the memory of earlier
+    freed ones; see :func:`cpu_output_cache_bytes`.
     """
     _reference.check_num_chunks_type(num_chunks)
     if not compiled_serves(base):

@@ -173,18 +173,19 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("rows", "dim", "num_chunks", "zero_chunks"),
     [
-        (70, 1024, 256, tuple(range(0, 256, 2))),  # runs of 4 features: one masked loop per row
-        (8, 9000, 2250, tuple(range(1, 2250, 2))),  # few rows: masked rows cut into 8192-feature tiles
+        (70, 1024, 256, tuple(range(0, 256, 2))),  # chunks of 4 features: every vector mixed
+        (8, 9000, 2250, tuple(range(1, 2250, 2))),  # few rows: rows cut into 8192-feature tiles
         (70, 5000, 1250, tuple(range(0, 1250, 2))),  # grad_alpha's tiles cut columns (4096 / 2048)
-        (70, 1031, 9, (0, 3, 4, 8)),  # 5 runs of 206 features on average: masked in float32 only
-        (70, 4099, 4, (1, 3)),  # runs of 1 024-1 025 features: a call per run
+        (70, 1031, 9, (0, 3, 4, 8)),  # odd width: rows start unaligned, boundaries inside vectors
+        (70, 4099, 4, (1, 3)),  # long runs: whole vectors active or inactive
+        (70, 1030, 7, ()),  # every chunk active
     ],
-    ids=("narrow", "few-rows", "column-tiles", "mixed", "wide"),
+    ids=("narrow", "few-rows", "column-tiles", "mixed", "wide", "all-active"),
 )
-def test_masked_rows_and_per_run_calls_equal_the_reference(dtype, rows, dim, num_chunks, zero_chunks) -> None:
-    """Float32/float64 calls whose runs are under 1 KB on average take one masked loop per
-    row, the others a call per run; both give the reference's bits (-0.0 and inf of base
-    and grad too), and read no NaN of an alpha == 0 chunk."""
+def test_row_loops_equal_the_reference(dtype, rows, dim, num_chunks, zero_chunks) -> None:
+    """Float32/float64 calls (the AVX2 row loops where the machine has AVX2) give the
+    reference's bits, -0.0 and inf of base and grad too, and read no NaN of an alpha == 0
+    chunk; test_other_loops_give_the_same_bits compares the portable loops with them."""
     shape = (rows, dim)
     base, bp, alpha = make_inputs(shape, num_chunks, dtype, seed=dim, zero_chunks=zero_chunks)
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(dim)).to(dtype)
@@ -207,11 +208,13 @@ def test_masked_rows_and_per_run_calls_equal_the_reference(dtype, rows, dim, num
 
 
 # Computes every case of the file argv[1] with the kernels and saves the results to argv[2];
-# run under KASMINA_STREAM_MIN_BYTES=0, which makes every call stream its outputs.
+# run under KASMINA_STREAM_MIN_BYTES=0 (every call streams its outputs) or
+# KASMINA_CPU_AVX2_ROWS=0 (float32/float64 take the portable loops), or both.
 _STREAMED_CHILD = """
 import sys, torch, kasmina
 cases = torch.load(sys.argv[1])
-results = {"threshold": torch.ops.kasmina.blend_stream_min_bytes(), "outputs": []}
+results = {"threshold": torch.ops.kasmina.blend_stream_min_bytes(),
+           "avx2_rows": torch.ops.kasmina.blend_avx2_rows(), "outputs": []}
 for base, bp, alpha, grad, num_chunks, needs in cases:
     results["outputs"].append((
         torch.ops.kasmina.chunked_blend(base, bp, alpha, num_chunks),
@@ -224,11 +227,12 @@ torch.save(results, sys.argv[2])
 def _streamed_cases() -> list[tuple]:
     masks = [(a, b, c) for a in (False, True) for b in (False, True) for c in (False, True) if a or b or c]
     cases = []
-    # Odd widths (rows start unaligned), runs longer than the kernel's 512-element stage,
-    # and alpha == 0 runs (copies and zero fills of runs of 1 KB or more are streamed too;
-    # narrower runs keep cached stores in the same call).
+    # Odd widths (rows start unaligned), runs longer than the portable loops' 512-element
+    # stage, alpha == 0 runs (their copies and zero fills are streamed too), and chunks of a
+    # few features (vectors of the AVX2 loops holding active and inactive features).
+    layouts = (((5, 37), 6, (1,)), ((3, 3000), 3, (1,)), ((2, 4099), 64, (0, 5, 63)), ((3, 1029), 343, (0, 2, 4, 9)))
     for dtype in DTYPES:
-        for shape, num_chunks, zero in (((5, 37), 6, (1,)), ((3, 3000), 3, (1,)), ((2, 4099), 64, (0, 5, 63))):
+        for shape, num_chunks, zero in layouts:
             base, bp, alpha = make_inputs(shape, num_chunks, dtype, seed=len(cases), zero_chunks=zero)
             grad = torch.randn(shape, generator=torch.Generator().manual_seed(len(cases))).to(dtype)
             for needs in masks if dtype == torch.float32 else masks[-1:]:
@@ -237,18 +241,29 @@ def _streamed_cases() -> list[tuple]:
 
 
 @needs_extension
-def test_streamed_outputs_are_bitwise_equal_to_cached_stores(tmp_path: Path) -> None:
-    """Calls larger than the last-level cache write with non-temporal stores; forcing them
-    for every call (KASMINA_STREAM_MIN_BYTES=0, in a child process) changes no bit."""
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"KASMINA_STREAM_MIN_BYTES": "0"},
+        {"KASMINA_CPU_AVX2_ROWS": "0"},
+        {"KASMINA_STREAM_MIN_BYTES": "0", "KASMINA_CPU_AVX2_ROWS": "0"},
+    ],
+    ids=("streamed", "portable", "portable-streamed"),
+)
+def test_other_loops_give_the_same_bits(tmp_path: Path, settings: dict[str, str]) -> None:
+    """Calls larger than the last-level cache write with non-temporal stores, and machines
+    without AVX2 take the portable loops; forcing either or both for every call (in a child
+    process) changes no bit of what this process computes."""
     cases = _streamed_cases()
     largest = max(5 * c[0].numel() * c[0].element_size() for c in cases)
     assert torch.ops.kasmina.blend_stream_min_bytes() > largest  # so this process never streams
     torch.save(cases, tmp_path / "cases.pt")
-    env = {**os.environ, "KASMINA_STREAM_MIN_BYTES": "0"}
+    env = {**os.environ, **settings}
     script = [sys.executable, "-c", _STREAMED_CHILD, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")]
     subprocess.run(script, env=env, check=True, timeout=300)
     results = torch.load(tmp_path / "out.pt")
-    assert results["threshold"] == 0
+    assert (results["threshold"] == 0) == ("KASMINA_STREAM_MIN_BYTES" in settings)
+    assert results["avx2_rows"] == ("KASMINA_CPU_AVX2_ROWS" not in settings and torch.ops.kasmina.blend_avx2_rows())
     for (base, bp, alpha, grad, num_chunks, needs), (out, grads) in zip(cases, results["outputs"], strict=True):
         assert torch.equal(out, torch.ops.kasmina.chunked_blend(base, bp, alpha, num_chunks))
         want = torch.ops.kasmina.chunked_blend_backward(grad, base, bp, alpha, num_chunks, *needs)
@@ -257,12 +272,19 @@ def test_streamed_outputs_are_bitwise_equal_to_cached_stores(tmp_path: Path) -> 
 
 
 @needs_extension
-def test_bad_stream_threshold_is_a_clear_error() -> None:
-    env = {**os.environ, "KASMINA_STREAM_MIN_BYTES": "lots"}
-    code = "import torch, kasmina; torch.ops.kasmina.blend_stream_min_bytes()"
+@pytest.mark.parametrize(
+    ("name", "value", "op", "message"),
+    [
+        ("KASMINA_STREAM_MIN_BYTES", "lots", "blend_stream_min_bytes", "is not a byte count"),
+        ("KASMINA_CPU_AVX2_ROWS", "yes", "blend_avx2_rows", "is not a switch; use 0 or 1"),
+    ],
+)
+def test_bad_settings_are_clear_errors(name, value, op, message) -> None:
+    env = {**os.environ, name: value}
+    code = f"import torch, kasmina; torch.ops.kasmina.{op}()"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert "KASMINA_STREAM_MIN_BYTES=lots is not a byte count" in done.stderr
+    assert f"{name}={value} {message}" in done.stderr
 
 
 @needs_extension

@@ -89,6 +89,7 @@ def test_info(capsys):
     if data["backend"] == "extension":
         assert data["blend_stream_min_bytes"] == torch.ops.kasmina.blend_stream_min_bytes() > 0
         assert data["cpu_output_cache_limit"] == torch.ops.kasmina.cpu_output_cache_limit() >= 0
+        assert data["blend_avx2_rows"] == torch.ops.kasmina.blend_avx2_rows()
 
 
 def test_spec_validate_default_and_file(capsys):
