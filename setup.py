@@ -35,8 +35,9 @@ def _want_cuda() -> bool:
 def _extension():
     use_cuda = _want_cuda()
     sources = sorted(glob("csrc/*.cpp"))
-    # -Wno-psabi: blend_avx2.h passes AVX vectors to blend_step.h's inline templates; GCC
-    # notes that such a call would differ without AVX, and none crosses a library boundary.
+    # -Wno-psabi: blend_avx2.h instantiates blend_step.h's formulas on AVX vectors, and GCC
+    # notes that a call to them would pass those vectors differently without AVX. None is
+    # made: they are always_inline (KASMINA_BLEND_HD), which GCC enforces.
     cxx = ["-O3", "-Wno-psabi", "-fopenmp", "-fdiagnostics-color=always"]
     kwargs = dict(
         name="kasmina._C",

@@ -304,8 +304,9 @@ constexpr bool kVectorRows = std::is_same_v<scalar_t, float> || std::is_same_v<s
 // KASMINA_CPU_AVX2_ROWS=0 turns them off, so that the portable loops can be compared with
 // them on one machine.
 bool uses_avx2_rows() {
+  static const bool wanted = env_switch("KASMINA_CPU_AVX2_ROWS", true);  // checked on every machine
 #if defined(KASMINA_HAS_AVX2_ROWS)
-  static const bool uses = env_switch("KASMINA_CPU_AVX2_ROWS", true) && __builtin_cpu_supports("avx2");
+  static const bool uses = wanted && __builtin_cpu_supports("avx2");
   return uses;
 #else
   return false;

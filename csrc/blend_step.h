@@ -90,48 +90,57 @@ KASMINA_HD double mul_rn(double a, double b) {
 #endif
 }
 
-// The same operations on the CPU kernels' GCC vector types (blend_avx2.h): plain operators,
-// which round each operation on its own (the CPU build targets no FMA).
+// The formulas from here on are also instantiated on GCC vector types by the CPU kernels'
+// AVX2 loops (blend_avx2.h). They are forced inline there, so that no vector is passed
+// between code built for AVX2 and code that is not: the two pass vectors differently.
+#if defined(__GNUC__) && !defined(__CUDACC__) && !defined(__HIPCC__)
+#define KASMINA_BLEND_HD KASMINA_HD __attribute__((always_inline))
+#else
+#define KASMINA_BLEND_HD KASMINA_HD
+#endif
+
+// The rounded operations on those vector types: plain operators, which round each
+// operation on its own (the CPU build targets no FMA).
 template <typename V>
-inline V add_rn(V a, V b) {
+KASMINA_BLEND_HD V add_rn(V a, V b) {
   return a + b;
 }
 template <typename V>
-inline V sub_rn(V a, V b) {
+KASMINA_BLEND_HD V sub_rn(V a, V b) {
   return a - b;
 }
 template <typename V>
-inline V mul_rn(V a, V b) {
+KASMINA_BLEND_HD V mul_rn(V a, V b) {
   return a * b;
 }
 
 // 1 in acc_t: a scalar, or every lane of a vector type (which has no conversion from int).
 template <typename acc_t>
-KASMINA_HD acc_t one() {
+KASMINA_BLEND_HD acc_t one() {
   return acc_t{} + 1;
 }
 
 // Output of one element of an active chunk.
 template <typename acc_t>
-KASMINA_HD acc_t blend_value(acc_t base, acc_t blueprint, acc_t alpha) {
+KASMINA_BLEND_HD acc_t blend_value(acc_t base, acc_t blueprint, acc_t alpha) {
   return add_rn(base, mul_rn(alpha, sub_rn(blueprint, base)));
 }
 
 // d out / d base, times the incoming gradient (any chunk).
 template <typename acc_t>
-KASMINA_HD acc_t grad_base_value(acc_t grad, acc_t alpha) {
+KASMINA_BLEND_HD acc_t grad_base_value(acc_t grad, acc_t alpha) {
   return mul_rn(grad, sub_rn(one<acc_t>(), alpha));
 }
 
 // d out / d blueprint_out, times the incoming gradient (active chunks; inactive ones get 0).
 template <typename acc_t>
-KASMINA_HD acc_t grad_blueprint_value(acc_t grad, acc_t alpha) {
+KASMINA_BLEND_HD acc_t grad_blueprint_value(acc_t grad, acc_t alpha) {
   return mul_rn(grad, alpha);
 }
 
 // One element's term of grad_alpha (active chunks only).
 template <typename acc_t>
-KASMINA_HD acc_t grad_alpha_term(acc_t grad, acc_t base, acc_t blueprint) {
+KASMINA_BLEND_HD acc_t grad_alpha_term(acc_t grad, acc_t base, acc_t blueprint) {
   return mul_rn(grad, sub_rn(blueprint, base));
 }
 

@@ -185,9 +185,12 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 def test_row_loops_equal_the_reference(dtype, rows, dim, num_chunks, zero_chunks) -> None:
     """Float32/float64 calls (the AVX2 row loops where the machine has AVX2) give the
     reference's bits, -0.0 and inf of base and grad too, and read no NaN of an alpha == 0
-    chunk; test_other_loops_give_the_same_bits compares the portable loops with them."""
+    chunk (+0.0 or -0.0); a NaN alpha is an active chunk.
+    test_other_loops_give_the_same_bits compares the portable loops with them."""
     shape = (rows, dim)
     base, bp, alpha = make_inputs(shape, num_chunks, dtype, seed=dim, zero_chunks=zero_chunks)
+    alpha[list(zero_chunks[::2])] = -0.0
+    alpha[min(set(range(num_chunks)) - set(zero_chunks))] = math.nan
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(dim)).to(dtype)
     bp = poison(bp, alpha, num_chunks)
     off = torch.isnan(bp)  # the alpha == 0 features
@@ -230,7 +233,13 @@ def _streamed_cases() -> list[tuple]:
     # Odd widths (rows start unaligned), runs longer than the portable loops' 512-element
     # stage, alpha == 0 runs (their copies and zero fills are streamed too), and chunks of a
     # few features (vectors of the AVX2 loops holding active and inactive features).
-    layouts = (((5, 37), 6, (1,)), ((3, 3000), 3, (1,)), ((2, 4099), 64, (0, 5, 63)), ((3, 1029), 343, (0, 2, 4, 9)))
+    layouts = (
+        ((5, 37), 6, (1,)),
+        ((3, 3000), 3, (1,)),
+        ((2, 4099), 64, (0, 5, 63)),
+        ((3, 1029), 343, (0, 2, 4, 9)),
+        ((64, 4099), 1025, (0, 3, 4, 700)),  # outputs of 1 MiB or more: cache blocks apart in their pages
+    )
     for dtype in DTYPES:
         for shape, num_chunks, zero in layouts:
             base, bp, alpha = make_inputs(shape, num_chunks, dtype, seed=len(cases), zero_chunks=zero)
@@ -254,6 +263,8 @@ def test_other_loops_give_the_same_bits(tmp_path: Path, settings: dict[str, str]
     """Calls larger than the last-level cache write with non-temporal stores, and machines
     without AVX2 take the portable loops; forcing either or both for every call (in a child
     process) changes no bit of what this process computes."""
+    if "KASMINA_CPU_AVX2_ROWS" in settings and not torch.ops.kasmina.blend_avx2_rows():
+        pytest.skip("this machine has no AVX2 row loops: this process runs the portable loops already")
     cases = _streamed_cases()
     largest = max(5 * c[0].numel() * c[0].element_size() for c in cases)
     assert torch.ops.kasmina.blend_stream_min_bytes() > largest  # so this process never streams
