@@ -53,15 +53,6 @@ struct Vec<float> {
   KASMINA_AVX2_INLINE static int bits(M active) { return _mm256_movemask_ps(reinterpret_cast<__m256>(active)); }
   KASMINA_AVX2_INLINE static void store(float* p, V v) { _mm256_storeu_ps(p, reinterpret_cast<__m256>(v)); }
   KASMINA_AVX2_INLINE static void stream(float* p, V v) { _mm256_stream_ps(p, reinterpret_cast<__m256>(v)); }
-  // store, non-temporal with kStream (p then 32-byte aligned)
-  template <bool kStream>
-  KASMINA_AVX2_INLINE static void put(float* p, V v) {
-    if constexpr (kStream) {
-      stream(p, v);
-    } else {
-      store(p, v);
-    }
-  }
 };
 
 template <>
@@ -77,16 +68,17 @@ struct Vec<double> {
   KASMINA_AVX2_INLINE static int bits(M active) { return _mm256_movemask_pd(reinterpret_cast<__m256d>(active)); }
   KASMINA_AVX2_INLINE static void store(double* p, V v) { _mm256_storeu_pd(p, reinterpret_cast<__m256d>(v)); }
   KASMINA_AVX2_INLINE static void stream(double* p, V v) { _mm256_stream_pd(p, reinterpret_cast<__m256d>(v)); }
-  // store, non-temporal with kStream (p then 32-byte aligned)
-  template <bool kStream>
-  KASMINA_AVX2_INLINE static void put(double* p, V v) {
-    if constexpr (kStream) {
-      stream(p, v);
-    } else {
-      store(p, v);
-    }
-  }
 };
+
+// A store of v at p, non-temporal with kStream (p then 32-byte aligned).
+template <bool kStream, typename T>
+KASMINA_AVX2_INLINE void put(T* p, typename Vec<T>::V v) {
+  if constexpr (kStream) {
+    Vec<T>::stream(p, v);
+  } else {
+    Vec<T>::store(p, v);
+  }
+}
 
 // Elements before `p` is kAlign-byte aligned, at most n (non-temporal vector stores need
 // 32; whole lines need 64).
@@ -121,22 +113,18 @@ KASMINA_AVX2 __attribute__((noinline)) void forward_row(T* __restrict__ out, con
   for (; i + X::kLanes <= n; i += X::kLanes) {
     const V w = X::load(weight + i);
     const V b = X::load(base + i);
+    const auto active = w != V{};
+    const int bits = kAllActive ? X::kAll : X::bits(active);
     V v;
-    if constexpr (kAllActive) {
+    if (bits == X::kAll) {
       v = blend_value<V>(b, X::load(bp + i), w);
+    } else if (bits == 0) {
+      if (hint) keep_stream(bp + i);
+      v = b;
     } else {
-      const auto active = w != V{};
-      const int bits = X::bits(active);
-      if (bits == X::kAll) {
-        v = blend_value<V>(b, X::load(bp + i), w);
-      } else if (bits == 0) {
-        if (hint) keep_stream(bp + i);
-        v = b;
-      } else {
-        v = active ? blend_value<V>(b, X::load_active(bp + i, active), w) : b;
-      }
+      v = active ? blend_value<V>(b, X::load_active(bp + i, active), w) : b;
     }
-    X::template put<kStream>(out + i, v);
+    put<kStream>(out + i, v);
   }
   for (; i < n; ++i) element(i);
 }
@@ -211,10 +199,10 @@ KASMINA_AVX2 __attribute__((noinline)) void backward_row(const T* __restrict__ g
                                                   to_gp[v]);
     }
     if constexpr (NB) {
-      for (int64_t v = 0; v < kVectors; ++v) X::template put<kStream>(gb + i + v * X::kLanes, to_gb[v]);
+      for (int64_t v = 0; v < kVectors; ++v) put<kStream>(gb + i + v * X::kLanes, to_gb[v]);
     }
     if constexpr (NP) {
-      for (int64_t v = 0; v < kVectors; ++v) X::template put<kStream>(gp + i + v * X::kLanes, to_gp[v]);
+      for (int64_t v = 0; v < kVectors; ++v) put<kStream>(gp + i + v * X::kLanes, to_gp[v]);
     }
   }
   for (; i < n; ++i) element(i);

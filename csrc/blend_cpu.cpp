@@ -123,6 +123,10 @@ struct Layout {
     });
   }
 
+  // Whether every chunk is active, and whether the rows hold active and inactive chunks.
+  bool all_active() const { return runs.size() == 1 && runs[0].active; }
+  bool mixed() const { return runs.size() > 1; }
+
   // Calls f(lo, hi, active) for the parts of the runs inside [c0, c1).
   template <typename F>
   void for_each_run(int64_t c0, int64_t c1, const F& f) const {
@@ -313,13 +317,6 @@ bool uses_avx2_rows() {
 #endif
 }
 
-// Whether a layout's rows have active and inactive chunks, and so take keep_stream hints
-// (blend_avx2.h) on the blocks of blueprint_out they skip.
-template <typename acc_t>
-bool hints_skipped_lines(const Layout<acc_t>& layout) {
-  return layout.runs.size() > 1;
-}
-
 // forward_run through a stage buffer in L1, streamed out with non-temporal stores (see
 // streams_outputs).
 template <typename scalar_t, typename acc_t>
@@ -338,8 +335,8 @@ template <typename T>
 void forward_rows_avx2(const BlendArgs& a, const Layout<T>& layout, T* o, bool stream) {
   const T* base = a.base.data_ptr<T>();
   const T* bp = a.blueprint.data_ptr<T>();
-  const bool all_active = layout.runs.size() == 1 && layout.runs[0].active;
-  const bool hint = hints_skipped_lines(layout);
+  const bool all_active = layout.all_active();
+  const bool hint = layout.mixed();  // keep_stream where rows with active chunks skip blueprint_out
   const auto row_loop = stream ? (all_active ? &avx2::forward_row<T, true, true> : &avx2::forward_row<T, true, false>)
                                : (all_active ? &avx2::forward_row<T, false, true> : &avx2::forward_row<T, false, false>);
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t) {
@@ -446,7 +443,7 @@ auto backward_row_loop(const Layout<acc_t>& layout, bool stream, const scalar_t*
       const bool streams = stream && (!NB || !NP || (reinterpret_cast<uintptr_t>(gb) % 64 ==
                                                          reinterpret_cast<uintptr_t>(gp) % 64 &&
                                                      apart_in_page(gb, gp)));
-      const bool all_active = layout.runs.size() == 1 && layout.runs[0].active;
+      const bool all_active = layout.all_active();
       using avx2::backward_row;
       row = streams ? (all_active ? &backward_row<scalar_t, NB, NP, NA, true, true>
                                   : &backward_row<scalar_t, NB, NP, NA, true, false>)
@@ -478,6 +475,7 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
   const int64_t streams = 3 + (NB ? 1 : 0) + (NP ? 1 : 0);
   const bool stream = streams_outputs(streams * a.rows * a.dim * static_cast<int64_t>(sizeof(scalar_t)));
   const auto row_loop = backward_row_loop<scalar_t, acc_t, NB, NP, NA>(layout, stream, gb, gp);
+  const bool hint = layout.mixed();  // as in forward_rows_avx2
 
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t task) {
     // per-feature sums of the current tile, in the running thread's own scratch
@@ -488,7 +486,7 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
       if (row_loop) {
         const int64_t at = offset + c0;
         row_loop(g + at, base + at, bp + at, NB ? gb + at : nullptr, NP ? gp + at : nullptr, weight + c0, colsum,
-                 c1 - c0, hints_skipped_lines(layout));
+                 c1 - c0, hint);
         continue;
       }
       layout.for_each_run(c0, c1, [&](int64_t lo, int64_t hi, bool active) {

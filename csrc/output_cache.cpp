@@ -21,7 +21,6 @@ namespace kasmina {
 namespace {
 
 constexpr size_t kMinCachedBytes = size_t{1} << 20;  // smaller outputs take torch's CPU allocator
-constexpr size_t kPageBytes = 4096;
 constexpr int64_t kDefaultLimit = int64_t{256} << 20;
 
 // Blocks are coloured: block k's data starts (7k mod kColors) * kStoreAliasBytes into a page,
