@@ -122,6 +122,7 @@ class SeedModel:
         src, dst = event.transition.source, event.transition.dest
         self.parent, self.epochs = src, 0
         self.history.append((src, dst))
+        self.owner.edges_taken.add((src, dst))
         EDGES_TAKEN.add((src, dst))
 
     def judge_and_apply(self, src: str, dst: str, metrics: dict[str, float]) -> str:
@@ -153,6 +154,10 @@ class LifecycleModel:
         self.min_epochs = dict(SPEC_MIN_EPOCHS)
         self.params = dict(PARAM_DEFAULTS)
         self.seeds = [SeedModel(self) for _ in range(NUM_SEEDS)]
+        # Edges taken in this example only: what steers `explore`. Steering by
+        # EDGES_TAKEN, which outlives an example, made the rules after it draw from
+        # different states when Hypothesis replayed an example (FlakyStrategyDefinition).
+        self.edges_taken: set[tuple[str, str]] = set()
 
     def judge_batch(self, requests: list[tuple[int, str, str, dict[str, float]]]) -> list[str]:
         counts: dict[int, int] = {}
@@ -215,13 +220,13 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def _next_edge(self, seed: int) -> tuple[int, tuple[str, str]] | None:
         """(distance, first edge) of a shortest path from the seed's state to an edge
-        not taken yet, or None when no such edge is reachable."""
+        not taken yet in this example, or None when no such edge is reachable."""
         start = self.model.seeds[seed].state
         frontier, seen = [(start, None, 0)], {start}
         while frontier:
             here, first, dist = frontier.pop(0)
             for edge in (e for e in EDGES if e[0] == here):
-                if edge not in EDGES_TAKEN:
+                if edge not in self.model.edges_taken:
                     return dist, first or edge
                 if edge[1] not in seen:
                     seen.add(edge[1])
@@ -238,10 +243,9 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @rule(moves=st.integers(1, 6))
     def explore(self, moves: int) -> None:
-        """Steer the seed nearest to an edge not taken yet towards it, several moves (none
-        when every reachable edge is taken). No precondition: it would read EDGES_TAKEN,
-        which outlives an example, and Hypothesis must find the same rules enabled when it
-        replays one (else FlakyStrategyDefinition)."""
+        """Steer the seed nearest to an edge not taken yet in this example towards it,
+        several moves (none when every reachable edge is taken). Everything it decides
+        comes from this example's own steps, so a replayed example draws the same."""
         for _ in range(moves):
             options = [(found[0], seed, found[1]) for seed in range(NUM_SEEDS) if (found := self._next_edge(seed))]
             if not options:
