@@ -35,8 +35,10 @@ TORCH_LIBRARY(kasmina, m) {
   m.def(
       "chunked_blend_backward(Tensor grad, Tensor base, Tensor blueprint_out, Tensor alpha, "
       "int num_chunks, bool need_base, bool need_blueprint, bool need_alpha) -> (Tensor, Tensor, Tensor)");
-  // Bytes above which a CPU blend call streams its outputs past the cache (blend_cpu.cpp).
+  // The cache size by which CPU blend calls decide to stream their outputs past the cache,
+  // and how many calls of this process have streamed (blend_cpu.cpp).
   m.def("blend_stream_min_bytes() -> int");
+  m.def("blend_streamed_calls() -> int");
   // Whether CPU float32/float64 blend calls take the AVX2 row loops (blend_avx2.h).
   m.def("blend_avx2_rows() -> bool");
   // The CPU blend outputs' memory cache (output_cache.h): bytes held, most held, free all.

@@ -31,10 +31,16 @@ constexpr int64_t kDefaultLimit = int64_t{256} << 20;
 // blend_cpu.cpp, in case two blocks of one colour meet.)
 constexpr size_t kColors = kPageBytes / kStoreAliasBytes;
 
-// Just before the data: where the block starts and its total size.
+constexpr uint64_t kNeverWritten = UINT64_MAX;
+
+std::atomic<uint64_t> blend_clock{0};
+
+// Just before the data: where the block starts, its total size, and the blend clock when a
+// kernel last began writing it.
 struct alignas(c10::gAlignment) Header {
   void* start;
   size_t bytes;
+  uint64_t written_at;
 };
 
 struct Block {
@@ -72,7 +78,7 @@ class OutputCache final : public c10::Allocator {
         start = c10::alloc_cpu(bytes);
       }
       data = colored_data(start, next_color_.fetch_add(7) % kColors);
-      header_of(data) = {start, bytes};
+      header_of(data) = {start, bytes, kNeverWritten};
     }
     return {data, data, &OutputCache::give_back, c10::Device(c10::DeviceType::CPU)};
   }
@@ -85,6 +91,9 @@ class OutputCache final : public c10::Allocator {
   }
 
   int64_t limit() const { return static_cast<int64_t>(limit_); }
+
+  // Whether ptr's memory is a block of this cache (else torch's allocator gave it).
+  static bool holds(const c10::DataPtr& ptr) { return ptr.get_deleter() == &OutputCache::give_back; }
 
   void release() {
     std::list<Block> blocks;
@@ -155,6 +164,17 @@ void OutputCache::give_back(void* data) {
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::Tensor(at::detail::empty_generic(sizes, &output_cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                               options.dtype().toScalarType(), std::nullopt));
+}
+
+uint64_t advance_blend_clock(uint64_t bytes) { return blend_clock.fetch_add(bytes, std::memory_order_relaxed); }
+
+uint64_t bytes_since_written(const at::Tensor& out, uint64_t now) {
+  const c10::DataPtr& ptr = out.storage().data_ptr();
+  if (!OutputCache::holds(ptr)) return 0;
+  Header& header = header_of(ptr.get());
+  const uint64_t since = header.written_at == kNeverWritten ? 0 : now - header.written_at;
+  header.written_at = now;
+  return since;
 }
 
 int64_t output_cache_bytes() { return output_cache().held_bytes(); }

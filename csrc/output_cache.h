@@ -15,6 +15,10 @@
 // allocation that finds no memory. Cached blocks bypass torch's CPU allocator, so the
 // memory profiler does not see them. Consecutive new blocks start their data at different
 // offsets into a page (see kStoreAliasBytes).
+//
+// Blocks also remember when a kernel last began writing them, on a clock counting the bytes
+// the kernels move (see bytes_since_written), so that a kernel can tell an output whose memory
+// is likely still cached from one whose memory has long left the cache.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -37,6 +41,15 @@ inline bool apart_in_page(const void* a, const void* b) {
 
 // An uninitialised contiguous CPU tensor.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Advances the clock of bytes moved by the CPU blend kernels by `bytes`; returns its value
+// before, the start of the calling kernel.
+uint64_t advance_blend_clock(uint64_t bytes);
+
+// The bytes the blend kernels moved between the start of the kernel that last wrote `out`'s
+// memory and `now` (a value of advance_blend_clock), and marks that memory written at `now`.
+// 0 when no kernel wrote it before: a new cache block, or an output too small for the cache.
+uint64_t bytes_since_written(const at::Tensor& out, uint64_t now);
 
 // Bytes the cache holds now, and the most it holds.
 int64_t output_cache_bytes();

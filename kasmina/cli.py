@@ -242,8 +242,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"torch:         {data['torch']} (CUDA {data['torch_cuda'] or 'none'}, device available: {data['cuda_available']})")
     print(f"spec sha256:   {data['spec_sha256']}")
     if data["blend_stream_min_bytes"] is not None:
-        print(f"blend streams: outputs of CPU calls moving over {data['blend_stream_min_bytes'] / 2**20:.0f} MiB "
-              "(KASMINA_STREAM_MIN_BYTES)")
+        size = data["blend_stream_min_bytes"] / 2**20
+        print(f"blend streams: outputs of CPU calls moving over {size:.0f} MiB, or whose memory was last written "
+              f"over {size / 2:.0f} MiB of blend traffic ago (KASMINA_STREAM_MIN_BYTES)")
     limit = data["cpu_output_cache_limit"]
     if limit is not None:
         kept = f"up to {limit / 2**20:.0f} MiB" if limit else "off"

@@ -106,11 +106,12 @@ def chunked_blend(base: torch.Tensor, blueprint_out: torch.Tensor, alpha: torch.
     devices or dtypes, a wrong alpha length, or ``num_chunks`` outside ``[1, D]``.
 
     On CPU, float32 and float64 calls take AVX2 row loops where the machine has AVX2
-    (``KASMINA_CPU_AVX2_ROWS=0`` turns them off). A call that moves more bytes than the
-    last-level cache holds writes its outputs with non-temporal stores (past the cache);
-    ``KASMINA_STREAM_MIN_BYTES`` sets that size and ``kasmina info`` shows both settings. CPU
-    outputs of 1 MiB or more (of this call and of its backward) reuse the memory of earlier
-    freed ones; see :func:`cpu_output_cache_bytes`.
+    (``KASMINA_CPU_AVX2_ROWS=0`` turns them off). A call writes its outputs with non-temporal
+    stores (past the cache) when it moves more bytes than the last-level cache holds, or when
+    its output memory was last written by a blend call more than half that many bytes of
+    blend traffic ago; ``KASMINA_STREAM_MIN_BYTES`` sets the size and ``kasmina info`` shows
+    both settings. CPU outputs of 1 MiB or more (of this call and of its backward) reuse the
+    memory of earlier freed ones; see :func:`cpu_output_cache_bytes`.
     """
     _reference.check_num_chunks_type(num_chunks)
     if not compiled_serves(base):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Callable
@@ -210,10 +211,9 @@ def test_row_loops_equal_the_reference(dtype, rows, dim, num_chunks, zero_chunks
             assert torch.equal(bits(value), bits(full)) if need else value.numel() == 0
 
 
-# Computes every case of the file argv[1] with the kernels and saves the results to argv[2];
-# run under KASMINA_STREAM_MIN_BYTES=0 (every call streams its outputs) or
-# KASMINA_CPU_AVX2_ROWS=0 (float32/float64 take the portable loops), or both.
-_STREAMED_CHILD = """
+# Computes every case of the file argv[1] with the kernels and saves the results to argv[2],
+# under the KASMINA_STREAM_MIN_BYTES and KASMINA_CPU_AVX2_ROWS the parent sets.
+_CHILD = """
 import sys, torch, kasmina
 cases = torch.load(sys.argv[1])
 results = {"threshold": torch.ops.kasmina.blend_stream_min_bytes(),
@@ -223,8 +223,12 @@ for base, bp, alpha, grad, num_chunks, needs in cases:
         torch.ops.kasmina.chunked_blend(base, bp, alpha, num_chunks),
         torch.ops.kasmina.chunked_blend_backward(grad, base, bp, alpha, num_chunks, *needs),
     ))
+results["streamed_calls"] = torch.ops.kasmina.blend_streamed_calls()
 torch.save(results, sys.argv[2])
 """
+
+NEVER_STREAM = str(2**62)  # a cache size no call and no output's reuse distance exceeds
+STREAMS = platform.machine().lower() in ("x86_64", "amd64")  # non-temporal stores exist
 
 
 def _streamed_cases() -> list[tuple]:
@@ -249,37 +253,90 @@ def _streamed_cases() -> list[tuple]:
     return cases
 
 
+def _run_child(tmp: Path, cases_file: Path, settings: dict[str, str]) -> dict:
+    out = tmp / f"out-{len(list(tmp.iterdir()))}.pt"
+    env = {**os.environ, **settings}
+    subprocess.run([sys.executable, "-c", _CHILD, str(cases_file), str(out)], env=env, check=True, timeout=300)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def cached_results(tmp_path_factory) -> tuple[Path, list[tuple], dict]:
+    """The cases, and what a child that never streams computes for them."""
+    tmp = tmp_path_factory.mktemp("loops")
+    cases = _streamed_cases()
+    torch.save(cases, tmp / "cases.pt")
+    results = _run_child(tmp, tmp / "cases.pt", {"KASMINA_STREAM_MIN_BYTES": NEVER_STREAM})
+    assert results["streamed_calls"] == 0
+    assert results["avx2_rows"] == torch.ops.kasmina.blend_avx2_rows()
+    return tmp, cases, results
+
+
 @needs_extension
 @pytest.mark.parametrize(
     "settings",
     [
         {"KASMINA_STREAM_MIN_BYTES": "0"},
-        {"KASMINA_CPU_AVX2_ROWS": "0"},
+        {"KASMINA_STREAM_MIN_BYTES": NEVER_STREAM, "KASMINA_CPU_AVX2_ROWS": "0"},
         {"KASMINA_STREAM_MIN_BYTES": "0", "KASMINA_CPU_AVX2_ROWS": "0"},
     ],
     ids=("streamed", "portable", "portable-streamed"),
 )
-def test_other_loops_give_the_same_bits(tmp_path: Path, settings: dict[str, str]) -> None:
-    """Calls larger than the last-level cache write with non-temporal stores, and machines
-    without AVX2 take the portable loops; forcing either or both for every call (in a child
-    process) changes no bit of what this process computes."""
+def test_other_loops_give_the_same_bits(cached_results, settings: dict[str, str]) -> None:
+    """Calls write their outputs with non-temporal stores when they are larger than the
+    last-level cache or their output memory has likely left it, and machines without AVX2
+    take the portable loops; streaming every call, or none, with either loops (each in a
+    child process) changes no bit of the results."""
     if "KASMINA_CPU_AVX2_ROWS" in settings and not torch.ops.kasmina.blend_avx2_rows():
-        pytest.skip("this machine has no AVX2 row loops: this process runs the portable loops already")
-    cases = _streamed_cases()
-    largest = max(5 * c[0].numel() * c[0].element_size() for c in cases)
-    assert torch.ops.kasmina.blend_stream_min_bytes() > largest  # so this process never streams
-    torch.save(cases, tmp_path / "cases.pt")
-    env = {**os.environ, **settings}
-    script = [sys.executable, "-c", _STREAMED_CHILD, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")]
-    subprocess.run(script, env=env, check=True, timeout=300)
-    results = torch.load(tmp_path / "out.pt")
-    assert (results["threshold"] == 0) == ("KASMINA_STREAM_MIN_BYTES" in settings)
+        pytest.skip("this machine has no AVX2 row loops: every process runs the portable loops already")
+    tmp, cases, cached = cached_results
+    results = _run_child(tmp, tmp / "cases.pt", settings)
+    streams = settings["KASMINA_STREAM_MIN_BYTES"] == "0"
+    assert results["streamed_calls"] == (2 * len(cases) if streams and STREAMS else 0)
     assert results["avx2_rows"] == ("KASMINA_CPU_AVX2_ROWS" not in settings and torch.ops.kasmina.blend_avx2_rows())
-    for (base, bp, alpha, grad, num_chunks, needs), (out, grads) in zip(cases, results["outputs"], strict=True):
-        assert torch.equal(out, torch.ops.kasmina.chunked_blend(base, bp, alpha, num_chunks))
-        want = torch.ops.kasmina.chunked_blend_backward(grad, base, bp, alpha, num_chunks, *needs)
-        for got, expected in zip(grads, want, strict=True):
+    for (out, grads), (cached_out, cached_grads) in zip(results["outputs"], cached["outputs"], strict=True):
+        assert torch.equal(out, cached_out)
+        for got, expected in zip(grads, cached_grads, strict=True):
             assert torch.equal(got, expected)
+
+
+# Runs the calls test_outputs_stream_when_their_memory_left_the_cache describes and prints
+# blend_streamed_calls after each, under KASMINA_STREAM_MIN_BYTES=16 MiB.
+_REUSE_CHILD = """
+import torch, kasmina
+calls = torch.ops.kasmina.blend_streamed_calls
+base, bp, grad = (torch.randn(128, 4096) for _ in range(3))  # 2 MiB each
+alpha = torch.rand(8)
+seen = []
+def forward():
+    torch.ops.kasmina.chunked_blend(base, bp, alpha, 8)  # 6 MiB moved, output freed at once
+    seen.append(calls())
+forward(); forward(); forward()
+grads = torch.ops.kasmina.chunked_blend_backward(grad, base, bp, alpha, 8, True, True, True)  # 10 MiB
+seen.append(calls())
+del grads
+forward(); forward()
+big = torch.ops.kasmina.chunked_blend(*(torch.randn(512, 4096) for _ in range(2)), alpha, 8)  # 24 MiB
+seen.append(calls())
+print(seen)
+"""
+
+
+@needs_extension
+@pytest.mark.skipif(not STREAMS, reason="this machine has no non-temporal stores: blend calls never stream")
+@pytest.mark.parametrize(("cache_bytes", "expected"), [(None, [0, 0, 0, 0, 1, 1, 2]), ("0", [0, 0, 0, 0, 0, 0, 1])])
+def test_outputs_stream_when_their_memory_left_the_cache(cache_bytes, expected) -> None:
+    """With a 16 MiB cache: forwards back to back reuse one output block written 6 MiB of
+    blend traffic earlier (cached stores); the backward takes that block and a new one; the
+    forward after it takes a block written 10 MiB earlier (streamed), the next one the block
+    it wrote itself (cached); a call moving more than the cache streams whatever its output.
+    Without the output cache no output has a known past, so only the size counts."""
+    env = {**os.environ, "KASMINA_STREAM_MIN_BYTES": str(16 << 20)}
+    if cache_bytes is not None:
+        env["KASMINA_CPU_OUTPUT_CACHE_BYTES"] = cache_bytes
+    done = subprocess.run([sys.executable, "-c", _REUSE_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(expected)
 
 
 @needs_extension
