@@ -212,7 +212,7 @@ int64_t last_level_cache_bytes() {
 }
 
 // The cache size streams_outputs judges by: the last-level cache's, or KASMINA_STREAM_MIN_BYTES.
-int64_t stream_min_bytes() {
+int64_t stream_cache_bytes() {
   static const int64_t bytes = env_byte_count("KASMINA_STREAM_MIN_BYTES", last_level_cache_bytes());
   return bytes;
 }
@@ -226,8 +226,8 @@ constexpr size_t kShortRunBytes = 1024;
 
 bool streams_run(bool stream, size_t bytes) { return stream && bytes >= kShortRunBytes; }
 
-// Calls of this process that streamed their outputs (blend_streamed_calls, for tests and
-// diagnosis).
+// Calls of this process for which streams_outputs chose non-temporal stores
+// (blend_streamed_calls, for tests and diagnosis).
 std::atomic<int64_t> streamed_calls{0};
 
 int64_t blend_streamed_calls() { return streamed_calls.load(std::memory_order_relaxed); }
@@ -235,18 +235,18 @@ int64_t blend_streamed_calls() { return streamed_calls.load(std::memory_order_re
 // Whether a call moving `bytes`, whose outputs' memory was last written by these kernels
 // `since_written` bytes of their traffic ago (output_cache.h), writes its outputs with
 // non-temporal stores. Those skip reading each output line before overwriting it (a quarter
-// of the forward pass's traffic, a fifth of the backward's) but send the output to memory:
-// worth it when the operands do not fit in the last-level cache, or when the output's
-// memory has most likely left it. A loop of forward calls on one 64x16384 float32 input,
-// which reuses one block written one call (12 MB) earlier, ran at 150-235 us a call with
-// cached stores and 240-300 us streamed; a forward+backward loop, whose outputs take blocks
-// written 20-44 MB of traffic earlier, at 1.25-2.0 ms a step cached and 0.84-1.35 ms
+// of the forward pass's traffic, up to two sevenths of the backward's) but send the output
+// to memory: worth it when the operands do not fit in the last-level cache, or when the
+// output's memory has most likely left it. A loop of forward calls on one 64x16384 float32
+// input, which reuses one block written one call (12 MiB) earlier, ran at 150-235 us a call
+// with cached stores and 240-300 us streamed; a forward+backward loop, whose outputs take
+// blocks written 20-44 MiB of traffic earlier, at 1.25-2.0 ms a step cached and 0.84-1.35 ms
 // streamed. Half the cache is the bound on how long ago an output's memory may have been
 // written; the other half is left for the call's own operands. Traffic of other ops is not
 // counted, so the estimate errs towards cached stores.
 bool streams_outputs(int64_t bytes, uint64_t since_written) {
 #if defined(__SSE2__)
-  const int64_t cache = stream_min_bytes();
+  const int64_t cache = stream_cache_bytes();
   const bool stream = bytes > cache || since_written > static_cast<uint64_t>(cache / 2);
   if (stream) streamed_calls.fetch_add(1, std::memory_order_relaxed);
   return stream;
@@ -376,7 +376,7 @@ void forward_kernel(const BlendArgs& a, at::Tensor& out) {
   const Layout<acc_t> layout(a.alpha.data_ptr<acc_t>(), a.rows, a.dim, a.num_chunks, kTileElements);
   const acc_t* weight = layout.weight;
   const int64_t bytes = 3 * a.rows * a.dim * static_cast<int64_t>(sizeof(scalar_t));
-  const bool stream = streams_outputs(bytes, bytes_since_written(out, advance_blend_clock(bytes)));
+  const bool stream = streams_outputs(bytes, mark_written(out, advance_blend_clock(bytes)));
 #if defined(KASMINA_HAS_AVX2_ROWS)
   if constexpr (kVectorRows<scalar_t>) {
     if (uses_avx2_rows()) return forward_rows_avx2<scalar_t>(a, layout, o, stream);
@@ -492,10 +492,12 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
   const acc_t* weight = layout.weight;
   double* partials = NA ? scratch<double, 3>(static_cast<size_t>(layout.num_tasks * S)) : nullptr;
   if constexpr (NA) std::fill(partials, partials + layout.num_tasks * S, 0.0);
-  const int64_t bytes = (3 + (NB ? 1 : 0) + (NP ? 1 : 0)) * a.rows * a.dim * static_cast<int64_t>(sizeof(scalar_t));
+  // grad is read always, base and blueprint_out only for grad_alpha
+  const int64_t bytes =
+      ((NA ? 3 : 1) + (NB ? 1 : 0) + (NP ? 1 : 0)) * a.rows * a.dim * static_cast<int64_t>(sizeof(scalar_t));
   const uint64_t now = advance_blend_clock(bytes);
-  const bool stream = streams_outputs(bytes, std::max(NB ? bytes_since_written(grad_base, now) : 0,
-                                                      NP ? bytes_since_written(grad_bp, now) : 0));
+  const bool stream = streams_outputs(bytes, std::max(NB ? mark_written(grad_base, now) : 0,
+                                                      NP ? mark_written(grad_bp, now) : 0));
   const auto row_loop = backward_row_loop<scalar_t, acc_t, NB, NP, NA>(layout, stream, gb, gp);
   const bool hint = layout.mixed();  // as in forward_rows_avx2
 
@@ -610,7 +612,7 @@ TORCH_LIBRARY_IMPL(kasmina, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(kasmina, CompositeImplicitAutograd, m) {
-  m.impl("blend_stream_min_bytes", &stream_min_bytes);
+  m.impl("blend_stream_cache_bytes", &stream_cache_bytes);
   m.impl("blend_streamed_calls", &blend_streamed_calls);
   m.impl("blend_avx2_rows", &uses_avx2_rows);
 }

@@ -37,7 +37,7 @@ TORCH_LIBRARY(kasmina, m) {
       "int num_chunks, bool need_base, bool need_blueprint, bool need_alpha) -> (Tensor, Tensor, Tensor)");
   // The cache size by which CPU blend calls decide to stream their outputs past the cache,
   // and how many calls of this process have streamed (blend_cpu.cpp).
-  m.def("blend_stream_min_bytes() -> int");
+  m.def("blend_stream_cache_bytes() -> int");
   m.def("blend_streamed_calls() -> int");
   // Whether CPU float32/float64 blend calls take the AVX2 row loops (blend_avx2.h).
   m.def("blend_avx2_rows() -> bool");

@@ -31,7 +31,7 @@ constexpr int64_t kDefaultLimit = int64_t{256} << 20;
 // blend_cpu.cpp, in case two blocks of one colour meet.)
 constexpr size_t kColors = kPageBytes / kStoreAliasBytes;
 
-constexpr uint64_t kNeverWritten = UINT64_MAX;
+constexpr uint64_t kNeverWritten = UINT64_MAX;  // after every clock value: mark_written sees no past
 
 std::atomic<uint64_t> blend_clock{0};
 
@@ -92,8 +92,8 @@ class OutputCache final : public c10::Allocator {
 
   int64_t limit() const { return static_cast<int64_t>(limit_); }
 
-  // Whether ptr's memory is a block of this cache (else torch's allocator gave it).
-  static bool holds(const c10::DataPtr& ptr) { return ptr.get_deleter() == &OutputCache::give_back; }
+  // Whether this cache allocated ptr's memory (else torch's allocator did).
+  static bool allocated_here(const c10::DataPtr& ptr) { return ptr.get_deleter() == &OutputCache::give_back; }
 
   void release() {
     std::list<Block> blocks;
@@ -168,11 +168,11 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 
 uint64_t advance_blend_clock(uint64_t bytes) { return blend_clock.fetch_add(bytes, std::memory_order_relaxed); }
 
-uint64_t bytes_since_written(const at::Tensor& out, uint64_t now) {
+uint64_t mark_written(const at::Tensor& out, uint64_t now) {
   const c10::DataPtr& ptr = out.storage().data_ptr();
-  if (!OutputCache::holds(ptr)) return 0;
+  if (!OutputCache::allocated_here(ptr)) return 0;
   Header& header = header_of(ptr.get());
-  const uint64_t since = header.written_at == kNeverWritten ? 0 : now - header.written_at;
+  const uint64_t since = header.written_at < now ? now - header.written_at : 0;
   header.written_at = now;
   return since;
 }

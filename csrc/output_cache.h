@@ -17,8 +17,8 @@
 // offsets into a page (see kStoreAliasBytes).
 //
 // Blocks also remember when a kernel last began writing them, on a clock counting the bytes
-// the kernels move (see bytes_since_written), so that a kernel can tell an output whose memory
-// is likely still cached from one whose memory has long left the cache.
+// the kernels move (see mark_written), so that a kernel can tell an output whose memory is
+// likely still cached from one whose memory has long left the cache.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -46,10 +46,10 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 // before, the start of the calling kernel.
 uint64_t advance_blend_clock(uint64_t bytes);
 
-// The bytes the blend kernels moved between the start of the kernel that last wrote `out`'s
-// memory and `now` (a value of advance_blend_clock), and marks that memory written at `now`.
-// 0 when no kernel wrote it before: a new cache block, or an output too small for the cache.
-uint64_t bytes_since_written(const at::Tensor& out, uint64_t now);
+// Marks `out`'s memory written at `now` (a value of advance_blend_clock) and returns the bytes
+// the blend kernels moved between the start of the kernel that wrote it before and `now`: 0
+// when none did (a new cache block, or an output too small for the cache).
+uint64_t mark_written(const at::Tensor& out, uint64_t now);
 
 // Bytes the cache holds now, and the most it holds.
 int64_t output_cache_bytes();

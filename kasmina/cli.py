@@ -209,8 +209,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 # ---- info -----------------------------------------------------------------------------
 def info() -> dict[str, Any]:
-    """What ``kasmina info`` prints: version, backend, CUDA build, spec hash, and the size
-    above which CPU blend calls stream their outputs past the cache."""
+    """What ``kasmina info`` prints: version, backend, CUDA build, spec hash, the cache size
+    by which CPU blend calls decide to stream their outputs past the cache, and the CPU
+    output cache's limit."""
     import torch
 
     from . import SPEC_SHA256, __version__, backend, backend_description
@@ -225,7 +226,7 @@ def info() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "spec_sha256": SPEC_SHA256,
-        "blend_stream_min_bytes": torch.ops.kasmina.blend_stream_min_bytes() if HAS_EXTENSION else None,
+        "blend_stream_cache_bytes": torch.ops.kasmina.blend_stream_cache_bytes() if HAS_EXTENSION else None,
         "cpu_output_cache_limit": torch.ops.kasmina.cpu_output_cache_limit() if HAS_EXTENSION else None,
         "blend_avx2_rows": torch.ops.kasmina.blend_avx2_rows() if HAS_EXTENSION else None,
     }
@@ -241,8 +242,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"CUDA kernels:  {'built' if data['cuda_kernels_built'] else 'not built (CPU build)'}")
     print(f"torch:         {data['torch']} (CUDA {data['torch_cuda'] or 'none'}, device available: {data['cuda_available']})")
     print(f"spec sha256:   {data['spec_sha256']}")
-    if data["blend_stream_min_bytes"] is not None:
-        size = data["blend_stream_min_bytes"] / 2**20
+    if data["blend_stream_cache_bytes"] is not None:
+        size = data["blend_stream_cache_bytes"] / 2**20
         print(f"blend streams: outputs of CPU calls moving over {size:.0f} MiB, or whose memory was last written "
               f"over {size / 2:.0f} MiB of blend traffic ago (KASMINA_STREAM_MIN_BYTES)")
     limit = data["cpu_output_cache_limit"]

@@ -216,7 +216,7 @@ def test_row_loops_equal_the_reference(dtype, rows, dim, num_chunks, zero_chunks
 _CHILD = """
 import sys, torch, kasmina
 cases = torch.load(sys.argv[1])
-results = {"threshold": torch.ops.kasmina.blend_stream_min_bytes(),
+results = {"threshold": torch.ops.kasmina.blend_stream_cache_bytes(),
            "avx2_rows": torch.ops.kasmina.blend_avx2_rows(), "outputs": []}
 for base, bp, alpha, grad, num_chunks, needs in cases:
     results["outputs"].append((
@@ -231,7 +231,7 @@ NEVER_STREAM = str(2**62)  # a cache size no call and no output's reuse distance
 STREAMS = platform.machine().lower() in ("x86_64", "amd64")  # non-temporal stores exist
 
 
-def _streamed_cases() -> list[tuple]:
+def _loop_cases() -> list[tuple]:
     masks = [(a, b, c) for a in (False, True) for b in (False, True) for c in (False, True) if a or b or c]
     cases = []
     # Odd widths (rows start unaligned), runs longer than the portable loops' 512-element
@@ -253,21 +253,23 @@ def _streamed_cases() -> list[tuple]:
     return cases
 
 
-def _run_child(tmp: Path, cases_file: Path, settings: dict[str, str]) -> dict:
-    out = tmp / f"out-{len(list(tmp.iterdir()))}.pt"
+def _run_child(tmp: Path, name: str, settings: dict[str, str]) -> dict:
+    """What a child process under `settings` computes for the cases saved in tmp/cases.pt."""
+    out = tmp / f"{name}.pt"
+    cases_file = tmp / "cases.pt"
     env = {**os.environ, **settings}
     subprocess.run([sys.executable, "-c", _CHILD, str(cases_file), str(out)], env=env, check=True, timeout=300)
     return torch.load(out)
 
 
 @pytest.fixture(scope="module")
-def cached_results(tmp_path_factory) -> tuple[Path, list[tuple], dict]:
+def unstreamed_results(tmp_path_factory) -> tuple[Path, list[tuple], dict]:
     """The cases, and what a child that never streams computes for them."""
     tmp = tmp_path_factory.mktemp("loops")
-    cases = _streamed_cases()
+    cases = _loop_cases()
     torch.save(cases, tmp / "cases.pt")
-    results = _run_child(tmp, tmp / "cases.pt", {"KASMINA_STREAM_MIN_BYTES": NEVER_STREAM})
-    assert results["streamed_calls"] == 0
+    results = _run_child(tmp, "unstreamed", {"KASMINA_STREAM_MIN_BYTES": NEVER_STREAM})
+    assert results["threshold"] == int(NEVER_STREAM) and results["streamed_calls"] == 0
     assert results["avx2_rows"] == torch.ops.kasmina.blend_avx2_rows()
     return tmp, cases, results
 
@@ -282,15 +284,16 @@ def cached_results(tmp_path_factory) -> tuple[Path, list[tuple], dict]:
     ],
     ids=("streamed", "portable", "portable-streamed"),
 )
-def test_other_loops_give_the_same_bits(cached_results, settings: dict[str, str]) -> None:
+def test_other_loops_give_the_same_bits(unstreamed_results, settings: dict[str, str]) -> None:
     """Calls write their outputs with non-temporal stores when they are larger than the
     last-level cache or their output memory has likely left it, and machines without AVX2
     take the portable loops; streaming every call, or none, with either loops (each in a
     child process) changes no bit of the results."""
     if "KASMINA_CPU_AVX2_ROWS" in settings and not torch.ops.kasmina.blend_avx2_rows():
         pytest.skip("this machine has no AVX2 row loops: every process runs the portable loops already")
-    tmp, cases, cached = cached_results
-    results = _run_child(tmp, tmp / "cases.pt", settings)
+    tmp, cases, cached = unstreamed_results
+    results = _run_child(tmp, "-".join(f"{k}={v}" for k, v in settings.items()), settings)
+    assert results["threshold"] == int(settings["KASMINA_STREAM_MIN_BYTES"])
     streams = settings["KASMINA_STREAM_MIN_BYTES"] == "0"
     assert results["streamed_calls"] == (2 * len(cases) if streams and STREAMS else 0)
     assert results["avx2_rows"] == ("KASMINA_CPU_AVX2_ROWS" not in settings and torch.ops.kasmina.blend_avx2_rows())
@@ -329,9 +332,10 @@ def test_outputs_stream_when_their_memory_left_the_cache(cache_bytes, expected) 
     """With a 16 MiB cache: forwards back to back reuse one output block written 6 MiB of
     blend traffic earlier (cached stores); the backward takes that block and a new one; the
     forward after it takes a block written 10 MiB earlier (streamed), the next one the block
-    it wrote itself (cached); a call moving more than the cache streams whatever its output.
-    Without the output cache no output has a known past, so only the size counts."""
-    env = {**os.environ, "KASMINA_STREAM_MIN_BYTES": str(16 << 20)}
+    that forward wrote (cached); a call moving more than the cache streams whatever its
+    output. Without the output cache no output has a known past, so only the size counts."""
+    env = {k: v for k, v in os.environ.items() if k != "KASMINA_CPU_OUTPUT_CACHE_BYTES"}
+    env["KASMINA_STREAM_MIN_BYTES"] = str(16 << 20)
     if cache_bytes is not None:
         env["KASMINA_CPU_OUTPUT_CACHE_BYTES"] = cache_bytes
     done = subprocess.run([sys.executable, "-c", _REUSE_CHILD], env=env, capture_output=True, text=True, timeout=300)
@@ -343,7 +347,7 @@ def test_outputs_stream_when_their_memory_left_the_cache(cache_bytes, expected) 
 @pytest.mark.parametrize(
     ("name", "value", "op", "message"),
     [
-        ("KASMINA_STREAM_MIN_BYTES", "lots", "blend_stream_min_bytes", "is not a byte count"),
+        ("KASMINA_STREAM_MIN_BYTES", "lots", "blend_stream_cache_bytes", "is not a byte count"),
         ("KASMINA_CPU_AVX2_ROWS", "yes", "blend_avx2_rows", "is not a switch; use 0 or 1"),
     ],
 )

@@ -87,7 +87,7 @@ def test_info(capsys):
     assert data["backend"] in ("extension", "reference")
     assert data["cuda_available"] == torch.cuda.is_available()
     if data["backend"] == "extension":
-        assert data["blend_stream_min_bytes"] == torch.ops.kasmina.blend_stream_min_bytes() > 0
+        assert data["blend_stream_cache_bytes"] == torch.ops.kasmina.blend_stream_cache_bytes() > 0
         assert data["cpu_output_cache_limit"] == torch.ops.kasmina.cpu_output_cache_limit() >= 0
         assert data["blend_avx2_rows"] == torch.ops.kasmina.blend_avx2_rows()
 

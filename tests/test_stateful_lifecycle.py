@@ -43,7 +43,7 @@ HISTORY_LENGTH = SPEC["layout"]["history_length"]
 INITIAL = next(s["name"] for s in SPEC["states"] if s["kind"] == "idle")
 NUM_SEEDS = 5
 
-# Edges taken across every run of the machine in this process (checked at the end).
+# Edges taken across the examples of one _run (checked at its end).
 EDGES_TAKEN: set[tuple[str, str]] = set()
 
 _COMPARE = {
@@ -154,9 +154,8 @@ class LifecycleModel:
         self.min_epochs = dict(SPEC_MIN_EPOCHS)
         self.params = dict(PARAM_DEFAULTS)
         self.seeds = [SeedModel(self) for _ in range(NUM_SEEDS)]
-        # Edges taken in this example only: what steers `explore`. Steering by
-        # EDGES_TAKEN, which outlives an example, made the rules after it draw from
-        # different states when Hypothesis replayed an example (FlakyStrategyDefinition).
+        # Edges taken in this example: what steers `explore`, so that a replayed example
+        # takes the same steps (EDGES_TAKEN outlives an example).
         self.edges_taken: set[tuple[str, str]] = set()
 
     def judge_batch(self, requests: list[tuple[int, str, str, dict[str, float]]]) -> list[str]:
