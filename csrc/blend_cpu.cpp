@@ -349,24 +349,26 @@ KASMINA_NOINLINE void forward_run_streamed(scalar_t* out, const scalar_t* base, 
   }
 }
 
+// The AVX2 row loop of a forward call (blend_avx2.h), or nullptr where the machine or the
+// dtype has none (then the kernel walks the runs).
+template <typename scalar_t, typename acc_t>
+auto forward_row_loop(const Layout<acc_t>& layout, bool stream) {
+  using Row = void (*)(scalar_t*, const scalar_t*, const scalar_t*, const acc_t*, int64_t, bool);
+  Row row = nullptr;
 #if defined(KASMINA_HAS_AVX2_ROWS)
-template <typename T>
-void forward_rows_avx2(const BlendArgs& a, const Layout<T>& layout, T* o, bool stream) {
-  const T* base = a.base.data_ptr<T>();
-  const T* bp = a.blueprint.data_ptr<T>();
-  const bool all_active = layout.all_active();
-  const bool hint = layout.mixed();  // keep_stream where rows with active chunks skip blueprint_out
-  const auto row_loop = stream ? (all_active ? &avx2::forward_row<T, true, true> : &avx2::forward_row<T, true, false>)
-                               : (all_active ? &avx2::forward_row<T, false, true> : &avx2::forward_row<T, false, false>);
-  layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t) {
-    for (int64_t row = r0; row < r1; ++row) {
-      const int64_t at = row * a.dim + c0;
-      row_loop(o + at, base + at, bp + at, layout.weight + c0, c1 - c0, hint);
+  if constexpr (kVectorRows<scalar_t>) {
+    if (uses_avx2_rows()) {
+      const bool all_active = layout.all_active();
+      using avx2::forward_row;
+      row = stream ? (all_active ? &forward_row<scalar_t, true, true> : &forward_row<scalar_t, true, false>)
+                   : (all_active ? &forward_row<scalar_t, false, true> : &forward_row<scalar_t, false, false>);
     }
-    if (stream) stream_fence();
-  });
-}
+  }
+#else
+  (void)layout, (void)stream;
 #endif
+  return row;
+}
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const BlendArgs& a, at::Tensor& out) {
@@ -377,14 +379,15 @@ void forward_kernel(const BlendArgs& a, at::Tensor& out) {
   const acc_t* weight = layout.weight;
   const int64_t bytes = 3 * a.rows * a.dim * static_cast<int64_t>(sizeof(scalar_t));
   const bool stream = streams_outputs(bytes, mark_written(out, advance_blend_clock(bytes)));
-#if defined(KASMINA_HAS_AVX2_ROWS)
-  if constexpr (kVectorRows<scalar_t>) {
-    if (uses_avx2_rows()) return forward_rows_avx2<scalar_t>(a, layout, o, stream);
-  }
-#endif
+  const auto row_loop = forward_row_loop<scalar_t, acc_t>(layout, stream);
+  const bool hint = layout.mixed();  // keep_stream where rows with active chunks skip blueprint_out
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t at = row * a.dim;
+      if (row_loop) {
+        row_loop(o + at + c0, base + at + c0, bp + at + c0, weight + c0, c1 - c0, hint);
+        continue;
+      }
       layout.for_each_run(c0, c1, [&](int64_t lo, int64_t hi, bool active) {
         const size_t bytes = static_cast<size_t>(hi - lo) * sizeof(scalar_t);
         if (!active) {
@@ -499,7 +502,7 @@ void backward_kernel(const BlendArgs& a, const at::Tensor& grad, at::Tensor& gra
   const bool stream = streams_outputs(bytes, std::max(NB ? mark_written(grad_base, now) : 0,
                                                       NP ? mark_written(grad_bp, now) : 0));
   const auto row_loop = backward_row_loop<scalar_t, acc_t, NB, NP, NA>(layout, stream, gb, gp);
-  const bool hint = layout.mixed();  // as in forward_rows_avx2
+  const bool hint = layout.mixed();  // as in forward_kernel
 
   layout.for_each_tile([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t task) {
     // per-feature sums of the current tile, in the running thread's own scratch
